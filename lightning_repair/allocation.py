@@ -1,0 +1,239 @@
+"""Layerwise sparsity allocation: how many weights each prunable layer keeps.
+
+Every method is a registry entry that, for the layers it is free to allocate, returns
+keep counts summing to the free budget. The shared solver first fixes the layers with a
+forced sparsity (``keep_dense`` is sparsity 0), then hands the rest of the budget to
+the method, honouring per-layer density caps, so the achieved global sparsity over all
+prunable weights equals the target to within one weight per layer.
+
+Methods (DESIGN.md section 2):
+- ``uniform``: one density d for every free layer (capped layers sit at their cap).
+- ``global``: one magnitude threshold across layers (``prune.global_unstructured``, L1).
+- ``erk``: density proportional to ((out+in+kh+kw)/(out*in*kh*kw))**power, with
+  google-research/rigl's re-solve when a density would exceed 1 (or its cap).
+- ``lamp``: LAMP scores w_u^2 / sum_{v>=u} w_v^2 (Lee et al. 2021), one global top-k.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import ROLES, PrunableLayer, prunable_layers
+
+
+@dataclass
+class Override:
+    """A per-layer rule.
+
+    Args:
+        select: ``role:<role>`` (first, classifier, projection, depthwise, conv, linear) or
+            a regular expression that must match the whole layer name (``layer4\\..*``).
+        sparsity: forced sparsity of the selected layers; they leave the budget.
+        max_density: cap on the density the method may give the selected layers.
+    """
+
+    select: str
+    sparsity: float | None = None
+    max_density: float | None = None
+
+    def __post_init__(self):
+        if (self.sparsity is None) == (self.max_density is None):
+            raise ValueError(f"override {self.select!r}: give exactly one of sparsity or max_density")
+        if self.sparsity is not None and not 0.0 <= self.sparsity <= 1.0:
+            raise ValueError(f"override {self.select!r}: sparsity must be in [0, 1], got {self.sparsity}")
+        if self.max_density is not None and not 0.0 < self.max_density <= 1.0:
+            raise ValueError(f"override {self.select!r}: max_density must be in (0, 1], got {self.max_density}")
+        _selector(self.select)  # validates role names and regexes early
+
+
+@dataclass
+class Allocation:
+    """Which allocation method, with its options.
+
+    Args:
+        method: uniform, global, erk or lamp (and the RR-guided methods once registered).
+        power: ERK exponent on the raw score (1 = Evci et al.).
+        keep_dense: selectors (``role:first``, a name regex) of layers kept dense.
+        overrides: per-layer forced sparsities and density caps.
+    """
+
+    method: str = "erk"
+    power: float = 1.0
+    keep_dense: list[str] = field(default_factory=list)
+    overrides: list[Override] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in ALLOCATIONS:
+            raise ValueError(f"allocation.method: unknown method {self.method!r}; choose from {sorted(ALLOCATIONS)}")
+        self.overrides = [o if isinstance(o, Override) else Override(**o) for o in self.overrides]
+        self.rules = [Override(s, sparsity=0.0) for s in self.keep_dense] + self.overrides
+
+
+def _selector(select: str) -> Callable[[PrunableLayer], bool]:
+    if select.startswith("role:"):
+        role = select.removeprefix("role:")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} in selector {select!r}; choose from {list(ROLES)}")
+        return lambda layer: layer.role == role
+    try:
+        pattern = re.compile(select)
+    except re.error as err:
+        raise ValueError(f"selector {select!r} is not a valid regular expression: {err}") from err
+    return lambda layer: pattern.fullmatch(layer.name) is not None
+
+
+# A method gets the free layers, their caps (max kept counts) and the free budget, and
+# returns keep counts (one per free layer) that sum to the budget and respect the caps.
+Method = Callable[[list[PrunableLayer], list[int], int, Allocation], list[int]]
+ALLOCATIONS: dict[str, Method] = {}
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    def add(fn: Method) -> Method:
+        ALLOCATIONS[name] = fn
+        return fn
+
+    return add
+
+
+def allocate(model: nn.Module, sparsity: float, allocation: Allocation | None = None) -> dict[str, int]:
+    """Keep count of every prunable layer so that global sparsity over prunable weights is ``sparsity``."""
+    allocation = allocation or Allocation()
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    layers = prunable_layers(model)
+    forced: dict[str, int] = {}
+    caps = {layer.name: layer.numel for layer in layers}
+    for rule in allocation.rules:
+        match = _selector(rule.select)
+        selected = [layer for layer in layers if match(layer)]
+        if not selected:
+            raise ValueError(f"selector {rule.select!r} matches no prunable layer; layers are: "
+                             + ", ".join(layer.name for layer in layers[:8]) + (" ..." if len(layers) > 8 else ""))  # fmt: skip
+        for layer in selected:
+            if rule.sparsity is not None:
+                forced[layer.name] = layer.numel - round(rule.sparsity * layer.numel)
+            else:
+                caps[layer.name] = min(caps[layer.name], max(1, math.floor(rule.max_density * layer.numel)))
+    total = sum(layer.numel for layer in layers)
+    budget = round((1.0 - sparsity) * total) - sum(forced.values())
+    free = [layer for layer in layers if layer.name not in forced]
+    free_caps = [caps[layer.name] for layer in free]
+    if budget < 0 or budget > sum(free_caps) or (free and budget == 0 and sparsity < 1):
+        raise ValueError(
+            f"target sparsity {sparsity} is unreachable: forced/dense layers keep {sum(forced.values())} of "
+            f"{total} weights, leaving {budget} for {len(free)} free layers that can hold at most {sum(free_caps)}"
+        )
+    keep = dict(forced)
+    if free:
+        counts = ALLOCATIONS[allocation.method](free, free_caps, budget, allocation)
+        keep.update(zip([layer.name for layer in free], counts, strict=True))
+    return {layer.name: keep[layer.name] for layer in layers}
+
+
+def round_to_budget(densities: list[float], numels: list[int], caps: list[int], budget: int) -> list[int]:
+    """Largest-remainder rounding of density * numel so counts sum exactly to ``budget`` within caps."""
+    exact = [d * n for d, n in zip(densities, numels, strict=True)]
+    counts = [min(c, math.floor(x)) for x, c in zip(exact, caps, strict=True)]
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    short = budget - sum(counts)  # the dropped fractional parts: fewer than len(counts)
+    for i in order:
+        if short > 0 and counts[i] < caps[i]:
+            counts[i] += 1
+            short -= 1
+    if short:
+        raise RuntimeError(f"cannot place {short} weights within the layer caps")
+    return counts
+
+
+def water_fill(scores: list[float], numels: list[int], caps: list[int], budget: int) -> list[float]:
+    """Densities eps * score_i, solved so kept weights meet ``budget``; a layer whose density would
+    exceed its cap is fixed at the cap and eps re-solved (rigl's rule, one layer at a time,
+    the most over-cap first)."""
+    cap_density = [c / n for c, n in zip(caps, numels, strict=True)]
+    fixed: dict[int, float] = {}
+    while True:
+        rest = [i for i in range(len(scores)) if i not in fixed]
+        remaining = budget - sum(fixed[i] * numels[i] for i in fixed)
+        eps = remaining / sum(scores[i] * numels[i] for i in rest)
+        over = [i for i in rest if eps * scores[i] > cap_density[i]]
+        if not over:
+            return [fixed.get(i, eps * scores[i]) for i in range(len(scores))]
+        worst = max(over, key=lambda i: eps * scores[i] / cap_density[i])
+        fixed[worst] = cap_density[worst]
+
+
+@register("uniform")
+def _uniform(layers, caps, budget, allocation):
+    numels = [layer.numel for layer in layers]
+    return round_to_budget(water_fill([1.0] * len(layers), numels, caps, budget), numels, caps, budget)
+
+
+def erk_score(shape: tuple[int, ...], power: float = 1.0) -> float:
+    """Erdos-Renyi-Kernel raw score: (sum of dims / product of dims) ** power."""
+    return (sum(shape) / math.prod(shape)) ** power
+
+
+@register("erk")
+def _erk(layers, caps, budget, allocation):
+    numels = [layer.numel for layer in layers]
+    scores = [erk_score(layer.shape, allocation.power) for layer in layers]
+    return round_to_budget(water_fill(scores, numels, caps, budget), numels, caps, budget)
+
+
+def top_k_per_layer(scores: list[torch.Tensor], caps: list[int], budget: int) -> list[int]:
+    """How many of each layer's scores fall in the global top ``budget``, each layer limited to its
+    top ``cap`` scores. Ties are broken by layer order, then by position (stable sort)."""
+    pooled, owner = [], []
+    for i, (s, cap) in enumerate(zip(scores, caps, strict=True)):
+        top = torch.sort(s.detach().flatten().float().cpu(), descending=True, stable=True).values[:cap]
+        pooled.append(top)
+        owner.append(torch.full((len(top),), i, dtype=torch.long))
+    order = torch.sort(torch.cat(pooled), descending=True, stable=True).indices[:budget]
+    return torch.bincount(torch.cat(owner)[order], minlength=len(scores)).tolist()
+
+
+@register("global")
+def _global(layers, caps, budget, allocation):
+    return top_k_per_layer([layer.module.weight.abs() for layer in layers], caps, budget)
+
+
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP score of every weight, in the weight's shape: w_u^2 / sum_{v >= u} w_v^2 (ascending order)."""
+    sq = weight.detach().flatten().double().square()
+    sorted_sq, order = torch.sort(sq, stable=True)
+    suffix = sorted_sq.flip(0).cumsum(0).flip(0)
+    sorted_scores = torch.where(suffix > 0, sorted_sq / suffix.clamp_min(1e-300), torch.zeros_like(suffix))
+    return torch.empty_like(sq).scatter_(0, order, sorted_scores).view_as(weight)
+
+
+@register("lamp")
+def _lamp(layers, caps, budget, allocation):
+    return top_k_per_layer([lamp_scores(layer.module.weight) for layer in layers], caps, budget)
+
+
+def allocation_table(model: nn.Module, keep: dict[str, int]) -> list[dict]:
+    """Per-layer rows: name, role, shape, numel, kept, density."""
+    return [
+        {"name": layer.name, "role": layer.role, "shape": list(layer.shape), "numel": layer.numel,
+         "kept": keep[layer.name], "density": keep[layer.name] / layer.numel}
+        for layer in prunable_layers(model)
+    ]  # fmt: skip
+
+
+def format_table(rows: list[dict]) -> str:
+    """A readable fixed-width table of allocation rows plus the achieved global sparsity."""
+    head = f"{'layer':<28} {'role':<10} {'shape':<18} {'numel':>9} {'kept':>8} {'density':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:<28} {r['role']:<10} {shape:<18} {r['numel']:>9} {r['kept']:>8} {r['density']:>8.4f}")
+    total, kept = sum(r["numel"] for r in rows), sum(r["kept"] for r in rows)
+    lines.append(f"global: kept {kept} of {total} prunable weights, sparsity {1 - kept / total:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""LightningDataModule: labeled train/test loaders and the unlabeled calibration loader."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from torch.utils.data import DataLoader, Subset
+
+from .data import DATASETS, CalibrationImages, build_datasets, shard_indices
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Datasets by name with an unlabeled calibration subset of the training split.
+
+    Args:
+        dataset: fashion_mnist, cifar10, cifar100, imagenette, imagefolder or synthetic.
+        data_dir: where the dataset lives (for imagefolder: a folder with train/ and val/).
+        download: download the dataset if it is not found (never done in tests).
+        calibration_size: number of unlabeled training images used for repair.
+        calibration_seed: seed of the random calibration subset.
+        batch_size: batch size of every loader.
+        num_workers: DataLoader worker processes.
+        augment: random crop and flip on the training split (dense training only).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashion_mnist",
+        data_dir: str = "data",
+        download: bool = False,
+        calibration_size: PositiveInt = 1024,
+        calibration_seed: int = 0,
+        batch_size: PositiveInt = 256,
+        num_workers: NonNegativeInt = 0,
+        augment: bool = True,
+    ):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"data.dataset: unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+        self.save_hyperparameters()
+        self.train_set = self.test_set = self.calibration_set = self.info = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        self.train_set, self.test_set, self.info = build_datasets(hp.dataset, hp.data_dir, hp.download, hp.augment)
+        plain_train, _, _ = (
+            build_datasets(hp.dataset, hp.data_dir, False, augment=False) if hp.augment else (self.train_set, None, None)
+        )
+        self.calibration_set = CalibrationImages(plain_train, hp.calibration_size, hp.calibration_seed)
+
+    def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0, pin_memory=False,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def calibration_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Images only; this process's contiguous, non-padded shard of the calibration subset."""
+        return self._loader(Subset(self.calibration_set, shard_indices(len(self.calibration_set), rank, world_size)))
+
+    def evaluation_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Labeled test images; every sample is in exactly one process's shard (no padding)."""
+        return self._loader(Subset(self.test_set, shard_indices(len(self.test_set), rank, world_size)))

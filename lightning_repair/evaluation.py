@@ -1,0 +1,40 @@
+"""Exact top-1/top-5 accuracy over a labeled loader, summed across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, float | int]:
+    """Accuracy counted sample by sample; under DDP each process passes its own non-padded shard
+    and the counts (not the accuracies) are summed, so every test sample counts exactly once."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct top-1, correct top-5, seen
+    try:
+        for images, labels in progress(loader) if progress else loader:
+            logits = model(images.to(device))
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("non-finite logits during evaluation: the model produced NaN/Inf")
+            labels = labels.to(device)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    top1, top5, seen = counts.tolist()
+    if seen == 0:
+        raise ValueError("evaluation saw no test sample: the test loader is empty")
+    return {"top1": top1 / seen, "top5": top5 / seen, "samples": int(seen)}

@@ -1,0 +1,207 @@
+"""Model zoo and dense-weight loading.
+
+Every builder keeps torchvision's parameter names (``conv1``, ``layer1.0.bn1``,
+``features.0``, ``fc``/``classifier``) so torchvision checkpoints load as they
+are, and takes ``num_classes``, ``in_channels``, ``stem`` ("cifar": 3x3 stride-1
+stem without max-pool, for 28-32 px images; "imagenet": torchvision's stem) and a
+``width`` multiplier for small CPU variants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision.models import densenet
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+from torchvision.models.vgg import cfgs as vgg_cfgs
+from torchvision.models.vgg import make_layers
+
+Stem = Literal["cifar", "imagenet"]
+
+
+class ResNet(nn.Module):
+    """ResNet with torchvision's blocks and names, a stem choice and a width multiplier."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: list[int],
+        num_classes: int,
+        in_channels: int,
+        stem: Stem,
+        width: float,
+    ):
+        super().__init__()
+        widths = [_scaled(c, width) for c in (64, 128, 256, 512)]
+        self.inplanes = widths[0]
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], stride=1)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class VGG(nn.Module):
+    """VGG with batch norm; the ImageNet head is torchvision's, the CIFAR head a single Linear."""
+
+    def __init__(self, cfg: str, num_classes: int, in_channels: int, stem: Stem, width: float):
+        super().__init__()
+        layer_cfg = [v if v == "M" else _scaled(v, width) for v in vgg_cfgs[cfg]]
+        self.features = make_layers(layer_cfg, batch_norm=True)
+        self.features[0] = nn.Conv2d(in_channels, layer_cfg[0], 3, padding=1)
+        channels = layer_cfg[-2]
+        if stem == "cifar":
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Linear(channels, num_classes)
+        else:
+            hidden = _scaled(4096, width)
+            self.avgpool = nn.AdaptiveAvgPool2d(7)
+            self.classifier = nn.Sequential(
+                nn.Linear(channels * 49, hidden), nn.ReLU(True), nn.Dropout(),
+                nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
+                nn.Linear(hidden, num_classes),
+            )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _densenet121(num_classes: int, in_channels: int, stem: Stem, width: float) -> nn.Module:
+    init = _scaled(64, width)
+    model = densenet.DenseNet(
+        growth_rate=_scaled(32, width), block_config=(6, 12, 24, 16),
+        num_init_features=init, num_classes=num_classes,
+    )  # fmt: skip
+    if stem == "cifar":
+        model.features.conv0 = nn.Conv2d(in_channels, init, 3, stride=1, padding=1, bias=False)
+        model.features.pool0 = nn.Identity()
+    else:
+        model.features.conv0 = nn.Conv2d(in_channels, init, 7, stride=2, padding=3, bias=False)
+    return model
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": lambda **kw: ResNet(BasicBlock, [2, 2, 2, 2], **kw),
+    "resnet34": lambda **kw: ResNet(BasicBlock, [3, 4, 6, 3], **kw),
+    "resnet50": lambda **kw: ResNet(Bottleneck, [3, 4, 6, 3], **kw),
+    "vgg16_bn": lambda **kw: VGG("D", **kw),
+    "densenet121": _densenet121,
+}
+
+
+@dataclass
+class Network:
+    """Which network to build.
+
+    Args:
+        arch: one of resnet18, resnet34, resnet50, vgg16_bn, densenet121.
+        num_classes: size of the classifier output.
+        in_channels: image channels (1 for Fashion-MNIST, 3 for RGB).
+        stem: "cifar" (3x3 stride-1, no max-pool: CIFAR-style ResNet) or "imagenet" (torchvision).
+        width: channel multiplier (0.25 gives base width 16 for ResNets).
+    """
+
+    arch: str = "resnet18"
+    num_classes: int = 10
+    in_channels: int = 3
+    stem: Stem = "cifar"
+    width: float = 1.0
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"network.arch: unknown architecture {self.arch!r}; choose from {sorted(ARCHITECTURES)}")
+        for field in ("num_classes", "in_channels"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"network.{field} must be >= 1, got {getattr(self, field)}")
+        if not self.width > 0:
+            raise ValueError(f"network.width must be > 0, got {self.width}")
+
+    def build(self) -> nn.Module:
+        return ARCHITECTURES[self.arch](
+            num_classes=self.num_classes, in_channels=self.in_channels, stem=self.stem, width=self.width
+        )
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the configured architecture."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read model weights from a Lightning checkpoint, a plain state_dict or torchvision's layout.
+
+    Loading never unpickles code (``weights_only=True``). Lightning checkpoints store the
+    network under the LightningModule attribute ``model.``; that prefix is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, empty, not a torch file, or pickled code
+        raise CheckpointMismatchError(f"cannot read checkpoint {path} safely (weights_only=True): {err}") from err
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatchError(f"{path} holds no state_dict of tensors")
+    if obj and all(k.startswith("model.") for k in obj):
+        obj = {k.removeprefix("model."): v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load dense weights strictly; any missing, unexpected or mis-shaped key is listed in the error."""
+    state = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if missing or unexpected or shapes:
+        name = source if isinstance(source, (str, Path)) else "state_dict"
+        parts = [f"{title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                 for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if keys]  # fmt: skip
+        raise CheckpointMismatchError(f"checkpoint {name} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model

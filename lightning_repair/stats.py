@@ -1,0 +1,77 @@
+"""Per-channel sufficient statistics: streaming sums that reduce exactly across processes.
+
+Moments are (count, sums, Gram sums) over every dimension but the channel dimension 1,
+reduced per chunk in float32 and accumulated in float64, and summed (never averaged) across DDP ranks, so a statistic is
+the same on 1 or N processes however the calibration set is split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Moments:
+    """Joint per-channel moments of k variables observed on the same positions."""
+
+    count: torch.Tensor  # scalar, float64
+    sums: torch.Tensor  # (k, C)
+    grams: torch.Tensor  # (k, k, C)
+
+    @staticmethod
+    def of(tensors: Sequence[torch.Tensor]) -> Moments:
+        # float32 products reduced per chunk (torch's cascaded sums keep them accurate), float64 across chunks
+        dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+        xs = [t.detach().to(dtype).reshape(t.shape[0], t.shape[1], -1) for t in tensors]
+        k, c = len(xs), xs[0].shape[1]
+        grams = torch.empty(k, k, c, dtype=torch.float64, device=xs[0].device)
+        for i in range(k):
+            for j in range(i, k):
+                grams[i, j] = grams[j, i] = (xs[i] * xs[j]).sum((0, 2))
+        return Moments(
+            torch.tensor(float(xs[0].shape[0] * xs[0].shape[2]), dtype=torch.float64, device=xs[0].device),
+            torch.stack([x.sum((0, 2)) for x in xs]).double(),
+            grams,
+        )
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.count + other.count, self.sums + other.sums, self.grams + other.grams)
+
+    def all_reduce(self) -> Moments:
+        """Sum over all processes when torch.distributed is initialised (a no-op otherwise)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([self.count.view(1), self.sums.flatten(), self.grams.flatten()])
+            dist.all_reduce(flat)
+            k, c = self.sums.shape
+            self.count, self.sums, self.grams = flat[0], flat[1 : 1 + k * c].view(k, c), flat[1 + k * c :].view(k, k, c)
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sums / self.count
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """Population covariance (k, k, C)."""
+        m = self.mean
+        return self.grams / self.count - m[:, None] * m[None, :]
+
+    def check_finite(self, where: str) -> Moments:
+        if not (torch.isfinite(self.sums).all() and torch.isfinite(self.grams).all()):
+            raise FloatingPointError(f"non-finite activations at {where}: check the checkpoint and the input data")
+        return self
+
+
+def accumulate(chunks: Sequence[Sequence[torch.Tensor]]) -> Moments:
+    """Moments over a list of chunks, each a list of k same-shaped tensors; reduced across processes."""
+    total = None
+    for tensors in chunks:
+        m = Moments.of(tensors)
+        total = m if total is None else total + m
+    if total is None:
+        raise ValueError("no calibration data: the calibration loader yielded no batch")
+    return total.all_reduce()
