@@ -114,8 +114,8 @@ def allocate(model: nn.Module, sparsity: float, allocation: Allocation | None = 
         match = _selector(rule.select)
         selected = [layer for layer in layers if match(layer)]
         if not selected:
-            raise ValueError(f"selector {rule.select!r} matches no prunable layer; layers are: "
-                             + ", ".join(layer.name for layer in layers[:8]) + (" ..." if len(layers) > 8 else ""))  # fmt: skip
+            names = ", ".join(layer.name for layer in layers[:8]) + (" ..." if len(layers) > 8 else "")
+            raise ValueError(f"selector {rule.select!r} matches no prunable layer; layers are: {names}")
         for layer in selected:
             if rule.sparsity is not None:
                 forced[layer.name] = layer.numel - round(rule.sparsity * layer.numel)
@@ -160,6 +160,8 @@ def water_fill(scores: list[float], numels: list[int], caps: list[int], budget: 
     fixed: dict[int, float] = {}
     while True:
         rest = [i for i in range(len(scores)) if i not in fixed]
+        if not rest:  # budget == sum(caps): rounding error fixed the last layer too; all sit at their caps
+            return [fixed[i] for i in range(len(scores))]
         remaining = budget - sum(fixed[i] * numels[i] for i in fixed)
         eps = remaining / sum(scores[i] * numels[i] for i in rest)
         over = [i for i in rest if eps * scores[i] > cap_density[i]]

@@ -165,7 +165,10 @@ def build_datasets(
         return splits[0], splits[1], info
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        make = lambda train: cls(str(root), train=train, download=download, transform=_transforms(info, augment and train))  # noqa: E731
+
+        def make(train):
+            return cls(str(root), train=train, download=download, transform=_transforms(info, augment and train))
+
         return _with_error(make, name, root, True), _with_error(make, name, root, False), info
     if name == "imagenette":
         make = lambda train: tvd.Imagenette(  # noqa: E731

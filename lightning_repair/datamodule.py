@@ -46,7 +46,9 @@ class ImageDataModule(pl.LightningDataModule):
         hp = self.hparams
         self.train_set, self.test_set, self.info = build_datasets(hp.dataset, hp.data_dir, hp.download, hp.augment)
         plain_train, _, _ = (
-            build_datasets(hp.dataset, hp.data_dir, False, augment=False) if hp.augment else (self.train_set, None, None)
+            build_datasets(hp.dataset, hp.data_dir, False, augment=False)
+            if hp.augment
+            else (self.train_set, None, None)
         )
         self.calibration_set = CalibrationImages(plain_train, hp.calibration_size, hp.calibration_seed)
 

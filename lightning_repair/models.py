@@ -85,6 +85,9 @@ class VGG(nn.Module):
         self.features[0] = nn.Conv2d(in_channels, layer_cfg[0], 3, padding=1)
         channels = layer_cfg[-2]
         if stem == "cifar":
+            for m in self.features:  # 5 max-pools: ceil mode keeps 28 px inputs (28-14-7-4-2-1) from shrinking to 0
+                if isinstance(m, nn.MaxPool2d):
+                    m.ceil_mode = True
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Linear(channels, num_classes)
         else:
@@ -151,6 +154,8 @@ class Network:
         for field in ("num_classes", "in_channels"):
             if getattr(self, field) < 1:
                 raise ValueError(f"network.{field} must be >= 1, got {getattr(self, field)}")
+        if self.stem not in ("cifar", "imagenet"):
+            raise ValueError(f"network.stem must be 'cifar' or 'imagenet', got {self.stem!r}")
         if not self.width > 0:
             raise ValueError(f"network.width must be > 0, got {self.width}")
 

@@ -6,6 +6,7 @@ is added to the task loss, multiplied by its ``lambda``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -41,8 +42,9 @@ def wcr_penalty(weights: Iterable[torch.Tensor], density: float) -> torch.Tensor
     total = None
     for w in weights:
         mag = w.abs().flatten()
-        k = max(1, int(-(-density * mag.numel() // 1)))
-        term = 1.0 - mag.topk(k).values.sum() / mag.sum().clamp_min(1e-12)
+        k = max(1, math.ceil(round(density * mag.numel(), 6)))  # round first: 0.07 * 100 is 7.000000000000001
+        # the tail's own sum, not 1 - top/total: exactly 0 when at most k non-zeros (and for an all-zero layer)
+        term = mag.sort(descending=True).values[k:].sum() / mag.sum().clamp_min(1e-12)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("wcr_penalty needs at least one weight tensor")

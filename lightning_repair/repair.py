@@ -32,7 +32,8 @@ from torch import nn
 
 from .stats import Moments, accumulate
 
-_EPS_VAR = 1e-12  # below this a channel's variance counts as zero ("dead channel")
+_EPS_VAR = 1e-12  # variances below this count as zero
+_DEAD_RELATIVE = 1e-5  # variance / second moment below this: a constant ("dead") channel
 
 
 # ----------------------------------------------------------------------------- operators
@@ -136,8 +137,12 @@ class VarianceMatching:
         return g, b
 
     def _finish(self, g_channel, g_layer, rho2, var_p, mean_p, mean_d) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (gain, shift) with ``g * y_p + b`` estimating the target; dead channels get g = 1."""
-        alive = var_p > _EPS_VAR
+        """Per-channel (gain, shift) with ``g * y_p + b`` estimating the target; dead channels get g = 1.
+
+        A channel is dead when its variance is indistinguishable from zero at float32 precision
+        relative to its second moment (a constant channel, however large its mean).
+        """
+        alive = var_p > _DEAD_RELATIVE * (var_p + mean_p.square()) + _EPS_VAR
         if self.granularity == "layer":
             g = g_layer.expand_as(g_channel)
         elif self.shrinkage == "adaptive":

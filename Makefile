@@ -1,0 +1,31 @@
+# Two entry points, each creating/updating its own environment in .venv:
+#   make quickstart   prune + repair the shipped Fashion-MNIST ResNet-18 (configs/quickstart.yaml)
+#   make test         the test suite (CPU, tiny models, generated data)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+.PHONY: quickstart test fashion-mnist benchmark
+
+$(BIN)/lightning-repair: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (no download at run time).
+fashion-mnist:
+	@test -f $(FASHION_MNIST) || test -f data/t10k-images-idx3-ubyte.gz || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq dataset-fashion-mnist || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }; }
+
+quickstart: $(BIN)/lightning-repair fashion-mnist
+	$(BIN)/lightning-repair fit --config configs/quickstart.yaml
+
+test: $(BIN)/lightning-repair
+	$(BIN)/python -m pytest -q
+
+benchmark: $(BIN)/lightning-repair fashion-mnist
+	$(BIN)/python benchmarks/repair_benchmark.py

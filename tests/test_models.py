@@ -1,0 +1,208 @@
+"""Model zoo and checkpoint loading, against torchvision's reference models and torch.load."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import pytest
+import torch
+import torchvision
+
+from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network, load_weights, read_state_dict
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy 2-core machine: intra-op threads only add synchronisation cost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(arch: str = "resnet18", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Network(arch=arch, width=kw.pop("width", 0.125), **kw).build()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_every_arch_and_stem_gives_logits(arch, stem, in_channels):
+    model = small(arch, stem=stem, in_channels=in_channels, num_classes=7).eval()
+    # the cifar stem is for 28 px (Fashion-MNIST, 1 channel) and 32 px (CIFAR) images; 32 px is the smallest
+    # size the imagenet stem (4x downsampling before the body) handles
+    size = 28 if stem == "cifar" and in_channels == 1 else 32
+    with torch.no_grad():
+        out = model(torch.randn(2, in_channels, size, size))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    # the first conv really takes in_channels
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == in_channels
+    assert first.kernel_size == ((3, 3) if stem == "cifar" else (7, 7) if arch != "vgg16_bn" else (3, 3))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "vgg16_bn", "densenet121"])
+def test_width_one_imagenet_layout_matches_torchvision(arch):
+    """Keys and shapes equal torchvision's (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        ours = Network(arch=arch, width=1.0, stem="imagenet", num_classes=1000).build().state_dict()
+        ref = getattr(torchvision.models, arch)().state_dict()
+    assert list(ours) == list(ref)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+def test_torchvision_resnet18_weights_load_and_compute_the_same(tmp_path):
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(num_classes=10).eval()
+    model = Network(arch="resnet18", width=1.0, stem="imagenet", num_classes=10).build()
+    assert set(model.state_dict()) == set(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+
+    load_weights(model, ref.state_dict())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
+
+    path = tmp_path / "tv.pth"
+    torch.save(ref.state_dict(), path)
+    fresh = load_weights(Network(arch="resnet18", width=1.0, stem="imagenet", num_classes=10).build(), path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref(x))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_load_lightning_checkpoint_strips_model_prefix(tmp_path):
+    src = small(in_channels=1)
+    ckpt = {
+        "epoch": 3,
+        "global_step": 10,
+        "state_dict": {f"model.{k}": v for k, v in src.state_dict().items()},
+        "hyper_parameters": {"network": {"arch": "resnet18"}, "lr": 0.1},
+    }
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    assert set(read_state_dict(path)) == set(src.state_dict())
+    dst = Network(arch="resnet18", width=0.125, in_channels=1).build()
+    _same_weights(load_weights(dst, path), src)
+    _same_weights(load_weights(Network(arch="resnet18", width=0.125, in_channels=1).build(), str(path)), src)
+
+
+def test_load_plain_state_dict_file(tmp_path):
+    src = small("vgg16_bn")
+    path = tmp_path / "plain.pt"
+    torch.save(src.state_dict(), path)
+    _same_weights(load_weights(Network(arch="vgg16_bn", width=0.125).build(), path), src)
+
+
+def test_mismatched_num_classes_lists_the_keys(tmp_path):
+    path = tmp_path / "c100.ckpt"
+    state = small(num_classes=100).state_dict()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
+    model = small(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_weights(model, path)
+    msg = str(err.value)
+    assert "fc.weight" in msg and "fc.bias" in msg
+    assert "(100, 64)" in msg and "(10, 64)" in msg  # width 0.125: 64 features; 100 vs 10 rows
+    assert "conv1.weight" not in msg  # only the mismatching keys are listed
+    for k, v in model.state_dict().items():  # nothing was half-loaded
+        assert torch.equal(v, before[k])
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    model = small()
+    state = model.state_dict()
+    state.pop("layer1.0.bn1.running_mean")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_weights(small(), state)
+    msg = str(err.value)
+    assert "missing (1): layer1.0.bn1.running_mean" in msg
+    assert "unexpected (1): extra.weight" in msg
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    path = tmp_path / "r34.pt"
+    torch.save(small("resnet34").state_dict(), path)
+    with pytest.raises(CheckpointMismatchError, match="unexpected"):
+        load_weights(small("resnet18"), path)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.mark.parametrize("wrap", ["bare", "in_state_dict"])
+def test_pickled_code_is_refused_and_never_runs(tmp_path, wrap):
+    marker = tmp_path / "pwned"
+    payload = _Payload(marker)
+    obj = payload if wrap == "bare" else {"state_dict": {"model.fc.weight": torch.zeros(2, 2), "model.x": payload}}
+    path = tmp_path / "evil.ckpt"
+    torch.save(obj, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointMismatchError, match="weights_only"):
+        read_state_dict(path)
+    with pytest.raises(CheckpointMismatchError):
+        load_weights(small(), path)
+    assert not marker.exists()
+    # the payload is real: an unsafe load would have run it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_truncated_empty_and_non_checkpoint_files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(small().state_dict(), good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    for path in (truncated, empty, text):
+        with pytest.raises(CheckpointMismatchError):
+            load_weights(small(), path)
+    not_tensors = tmp_path / "numbers.pt"
+    torch.save({"a": 1, "b": [2, 3]}, not_tensors)
+    with pytest.raises(CheckpointMismatchError, match="no state_dict of tensors"):
+        read_state_dict(not_tensors)
+    with pytest.raises(FileNotFoundError):
+        read_state_dict(tmp_path / "absent.ckpt")
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"arch": "resnet999"}, "resnet999"),
+        ({"width": 0.0}, "width"),
+        ({"width": -0.5}, "width"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"stem": "CIFAR"}, "stem"),
+    ],
+)
+def test_network_validation(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Network(**kwargs)
+
+
+def test_width_scales_channels():
+    narrow, wide = small(width=0.25), small(width=0.5)
+    assert narrow.conv1.out_channels == 16 and wide.conv1.out_channels == 32
+    assert narrow.fc.in_features == 128 and wide.fc.in_features == 256
+    assert Network(arch="resnet50", width=0.25).build().fc.in_features == 512  # Bottleneck expansion 4
