@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -38,3 +39,25 @@ def evaluate(
     if seen == 0:
         raise ValueError("evaluation saw no test sample: the test loader is empty")
     return {"top1": top1 / seen, "top5": top5 / seen, "samples": int(seen)}
+
+
+@torch.no_grad()
+def calibration_forward_time(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Seconds of one forward pass over ``batches`` in eval mode: the cost unit F of DESIGN.md section 6.
+
+    One warm-up batch runs first so the timed pass is representative.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        model(batches[0])
+        if batches[0].is_cuda:
+            torch.cuda.synchronize(batches[0].device)
+        start = time.perf_counter()
+        for b in batches:
+            model(b)
+        if batches[0].is_cuda:
+            torch.cuda.synchronize(batches[0].device)
+        return time.perf_counter() - start
+    finally:
+        model.train(was_training)

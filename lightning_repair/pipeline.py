@@ -6,9 +6,6 @@ Only rank 0 writes files; every statistic and every accuracy is reduced across p
 
 from __future__ import annotations
 
-import copy
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +15,12 @@ from jsonargparse.typing import restricted_number_type
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from .allocation import Allocation, allocate, allocation_table, format_table
-from .evaluation import evaluate
+from .allocation import Allocation, format_table
+from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
-from .masks import apply_masks, compute_masks, mask_violations
 from .models import Network, load_weights
-from .repair import describe, parse_recipe, repair
+from .oneshot import prune_and_repair, timed
+from .repair import describe, parse_recipe
 
 Sparsity = restricted_number_type("Sparsity", float, [(">=", 0.0), ("<", 1.0)])
 
@@ -57,6 +54,7 @@ class PruneRepairModule(pl.LightningModule):
         self.network = network
         self.model = network.build()
         self.results: dict[str, Any] = {}
+        self.report = None  # the RepairReport of the last run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -89,56 +87,40 @@ class PruneRepairModule(pl.LightningModule):
         rank, world = trainer.global_rank, trainer.world_size
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not show)  # noqa: E731
-        timings: dict[str, float] = {}
 
         dense = load_weights(net.build(), hp.checkpoint).to(self.device).eval()
         calibration = [b.to(self.device) for b in bar(dm.calibration_dataloader(rank, world), "calibration data")]
-        with torch.no_grad():
-            dense(calibration[0])  # warm-up, so the timed pass is representative
-        with _timed(timings, "calibration_forward"), torch.no_grad():
-            for b in calibration:
-                dense(b)
+        timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
 
-        with _timed(timings, "allocation"):
-            keep = allocate(dense, hp.sparsity, self.allocation)
-        with _timed(timings, "masking"):
-            masks = compute_masks(dense, keep)
-            pruned = apply_masks(copy.deepcopy(dense), masks)
+        def test(model, desc):
+            return evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device)
 
-        test = lambda model, desc: evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device)  # noqa: E731
-        with _timed(timings, "evaluation"):
+        with timed(timings, "evaluation"):
             acc_dense = test(dense, "evaluate dense")
-            acc_pruned = test(pruned, "evaluate pruned")
-        with _timed(timings, "repair"):
-            report = repair(pruned, dense, calibration, self.recipe, progress=lambda it: bar(it, "repair"))
-        violations = mask_violations(pruned, masks)
-        if violations:
-            raise RuntimeError(f"repair broke the masks (non-zero pruned weights): {violations}")
-        with _timed(timings, "evaluation"):
-            acc_repaired = test(pruned, "evaluate repaired")
+        result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, progress=bar)
+        for key, seconds in result.timings.items():
+            timings[key] = timings.get(key, 0.0) + seconds
 
-        self.model.load_state_dict(pruned.state_dict())
-        rows = allocation_table(dense, keep)
-        kept, total = sum(r["kept"] for r in rows), sum(r["numel"] for r in rows)
-        accuracy = {"dense": acc_dense["top1"], "pruned": acc_pruned["top1"], "repaired": acc_repaired["top1"]}
+        self.model.load_state_dict(result.model.state_dict())
+        runs = {"dense": acc_dense, "pruned": result.pruned, "repaired": result.repaired}
         self.results = {
-            "accuracy": accuracy,
-            "sparsity": {"target": hp.sparsity, "achieved": 1 - kept / total},
+            "accuracy": {k: v["top1"] for k, v in runs.items()},
+            "sparsity": {"target": hp.sparsity, "achieved": result.achieved_sparsity},
             "allocation": self.allocation.method,
             "repair": describe(self.recipe),
-            "layers": rows,
+            "layers": result.layers,
             "timings_s": timings,
-            "test_samples": acc_repaired["samples"],
+            "test_samples": result.repaired["samples"],
             "world_size": world,
             "config": _plain(dict(hp)),
         }
         if dm.info.num_classes > 5:
-            self.results["accuracy_top5"] = {"dense": acc_dense["top5"], "pruned": acc_pruned["top5"],
-                                             "repaired": acc_repaired["top5"]}  # fmt: skip
-        self._write(report, masks)
+            self.results["accuracy_top5"] = {k: v["top5"] for k, v in runs.items()}
+        self.report = result.report
+        self._write(result.masks)
         trainer.fit_loop.max_epochs = 0  # nothing to train: the fit loop ends at once
 
-    def _write(self, report, masks) -> None:
+    def _write(self, masks) -> None:
         res = self.results
         metrics = {f"test/acc_{k}": v for k, v in res["accuracy"].items()}
         metrics |= {f"test/top5_{k}": v for k, v in res.get("accuracy_top5", {}).items()}
@@ -151,10 +133,9 @@ class PruneRepairModule(pl.LightningModule):
             logger.log_metrics(metrics, step=0)
             for row in res["layers"]:
                 logger.log_metrics({f"density/{row['name']}": row["density"]}, step=0)
-            logger.log_hyperparams(
-                {"sparsity": self.hparams.sparsity, "allocation": res["allocation"], "repair": str(self.hparams.repair)},
-                {f"hp/acc_{k}": v for k, v in res["accuracy"].items()},
-            )
+            hparams = {"sparsity": res["sparsity"]["target"], "allocation": res["allocation"]}
+            hparams["repair"] = str(self.hparams.repair)
+            logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
         if self.hparams.save_model:
             res["export"] = export(self.model, masks, log_dir)
         atomic_write_json(log_dir / "metrics.json", res)
@@ -166,15 +147,6 @@ class PruneRepairModule(pl.LightningModule):
             + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
             + f"\nwrote {log_dir / 'metrics.json'}"
         )
-
-
-@contextmanager
-def _timed(timings: dict[str, float], key: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def _plain(obj):

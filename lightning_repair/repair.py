@@ -356,8 +356,8 @@ def _run(node: fx.Node, env: dict[fx.Node, list], modules: dict[str, nn.Module],
     """Evaluate one graph node on every calibration chunk."""
     outputs = []
     for i in range(n_chunks):
-        args = fx.node.map_arg(node.args, lambda a: env[a][i])
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a][i])
+        args = fx.node.map_arg(node.args, lambda a, i=i: env[a][i])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a, i=i: env[a][i])
         if node.op == "call_module":
             outputs.append(modules[node.target](*args, **kwargs))
         elif node.op == "call_function":
