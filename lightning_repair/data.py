@@ -144,14 +144,21 @@ def _transforms(info: DatasetInfo, train: bool) -> v2.Compose:
 
 def build_datasets(
     name: str, data_dir: str | Path = "data", download: bool = False, augment: bool = False,
-    synthetic_sizes: Sequence[int] = (512, 257),
+    synthetic_sizes: Sequence[int] = (512, 257), synthetic_shape: Sequence[int] | None = None,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:  # fmt: skip
-    """Labeled (train, test) datasets and their info; ``augment`` applies to train only."""
+    """Labeled (train, test) datasets and their info; ``augment`` applies to train only.
+
+    ``synthetic_shape`` (num_classes, in_channels, image_size) gives the synthetic dataset another
+    dataset's shape, e.g. to smoke-test a config written for it.
+    """
     if name not in DATASETS:
         raise ValueError(f"data.dataset: unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     info = DATASETS[name]
     root = Path(data_dir)
     if name == "synthetic":
+        if synthetic_shape is not None:
+            classes, channels, size = synthetic_shape
+            info = DatasetInfo(classes, channels, size, (0.0,) * channels, (1.0,) * channels)
         train = SyntheticImages(synthetic_sizes[0], info.num_classes, info.in_channels, info.image_size, seed=0)
         test = SyntheticImages(synthetic_sizes[1], info.num_classes, info.in_channels, info.image_size, seed=1)
         return train, test, info
@@ -181,10 +188,29 @@ def build_datasets(
     for split, folder in folders.items():
         if not folder.is_dir():
             raise FileNotFoundError(f"imagefolder needs {folder} with one sub-folder per class ({split} split)")
-    train = tvd.ImageFolder(str(folders["train"]), transform=_transforms(info, augment))
-    test = tvd.ImageFolder(str(folders["val"]), transform=_transforms(info, False))
+    train = _image_folder(folders["train"], _transforms(info, augment))
+    test = _image_folder(folders["val"], _transforms(info, False))
+    if test.classes != train.classes:  # labels are class indices in sorted order: they must mean the same
+        raise ValueError(
+            f"imagefolder: {folders['val']} has classes {test.classes} but {folders['train']} has {train.classes}"
+        )
     info = DatasetInfo(len(train.classes), info.in_channels, info.image_size, info.mean, info.std)
     return train, test, info
+
+
+def _image_folder(folder: Path, transform) -> tvd.ImageFolder:
+    try:
+        return tvd.ImageFolder(str(folder), transform=transform, loader=_load_image)
+    except FileNotFoundError as err:  # no class folder, or class folders without images
+        raise FileNotFoundError(f"imagefolder {folder}: {err}") from err
+
+
+def _load_image(path: str):
+    """torchvision's image loader, naming the file when an image is corrupt or truncated."""
+    try:
+        return tvd.folder.default_loader(path)
+    except OSError as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
 
 
 def _with_error(make, name: str, root: Path, train: bool) -> Dataset:

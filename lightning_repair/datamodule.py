@@ -21,6 +21,8 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: batch size of every loader.
         num_workers: DataLoader worker processes.
         augment: random crop and flip on the training split (dense training only).
+        synthetic_shape: (num_classes, in_channels, image_size) of dataset=synthetic, to mimic another
+            dataset's shape (default 10 classes of 3x16x16 images).
     """
 
     def __init__(
@@ -33,24 +35,49 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: PositiveInt = 256,
         num_workers: NonNegativeInt = 0,
         augment: bool = True,
+        synthetic_shape: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None,
     ):
         super().__init__()
-        if dataset not in DATASETS:
+        if not isinstance(dataset, str) or dataset not in DATASETS:
             raise ValueError(f"data.dataset: unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+        if synthetic_shape is not None and dataset != "synthetic":
+            raise ValueError(f"data.synthetic_shape applies to dataset 'synthetic' only, not {dataset!r}")
+        # the CLI's types enforce these; checked again for the Python API
+        for field, value, low in (
+            ("calibration_size", calibration_size, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{field} must be an integer >= {low}, got {value!r}")
+        if isinstance(calibration_seed, bool) or not isinstance(calibration_seed, int):
+            raise ValueError(f"data.calibration_seed must be an integer, got {calibration_seed!r}")
         self.save_hyperparameters()
-        self.train_set = self.test_set = self.calibration_set = self.info = None
+        self.train_set = self.test_set = self.info = None
+        self._calibration_set: CalibrationImages | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         hp = self.hparams
-        self.train_set, self.test_set, self.info = build_datasets(hp.dataset, hp.data_dir, hp.download, hp.augment)
-        plain_train, _, _ = (
-            build_datasets(hp.dataset, hp.data_dir, False, augment=False)
-            if hp.augment
-            else (self.train_set, None, None)
+        self.train_set, self.test_set, self.info = build_datasets(
+            hp.dataset, hp.data_dir, hp.download, hp.augment, synthetic_shape=hp.synthetic_shape
         )
-        self.calibration_set = CalibrationImages(plain_train, hp.calibration_size, hp.calibration_seed)
+
+    @property
+    def calibration_set(self) -> CalibrationImages:
+        """The unlabeled calibration subset, built on first use: dense training never needs it, so a
+        training split smaller than ``calibration_size`` is an error for a repair run only."""
+        if self._calibration_set is None:
+            self.setup()
+            hp = self.hparams
+            plain_train = (
+                build_datasets(hp.dataset, hp.data_dir, False, augment=False, synthetic_shape=hp.synthetic_shape)[0]
+                if hp.augment
+                else self.train_set
+            )
+            self._calibration_set = CalibrationImages(plain_train, hp.calibration_size, hp.calibration_seed)
+        return self._calibration_set
 
     def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
         hp = self.hparams

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,8 @@ from torch import nn
 
 from .models import CheckpointMismatchError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read the process umask once: os.umask can only read it by setting it
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -25,6 +28,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the rest of a cluster group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -80,8 +84,16 @@ def dense_from_sparse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, tensor in state.items():
         if key.endswith("::values"):
             name = key.removesuffix("::values")
+            missing = [part for part in ("shape", "mask") if f"{name}::{part}" not in state]
+            if missing:
+                raise CheckpointMismatchError(f"sparse entry {name}: no {' or '.join(missing)} stored with its values")
             shape = tuple(state[f"{name}::shape"].tolist())
-            mask = unpack_mask(state[f"{name}::mask"], shape)
+            packed = state[f"{name}::mask"]
+            if packed.dtype != torch.uint8 or packed.numel() != -(-math.prod(shape) // 8):
+                raise CheckpointMismatchError(
+                    f"sparse entry {name}: packed mask ({packed.numel()} x {packed.dtype}) does not fit shape {shape}"
+                )
+            mask = unpack_mask(packed, shape)
             if int(mask.sum()) != tensor.numel():
                 raise CheckpointMismatchError(f"sparse entry {name}: mask keeps {int(mask.sum())} of {tensor.numel()}")
             dense = tensor.new_zeros(shape)

@@ -9,6 +9,7 @@ stem without max-pool, for 28-32 px images; "imagenet": torchvision's stem) and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,15 +150,16 @@ class Network:
     width: float = 1.0
 
     def __post_init__(self):
-        if self.arch not in ARCHITECTURES:
+        if not isinstance(self.arch, str) or self.arch not in ARCHITECTURES:
             raise ValueError(f"network.arch: unknown architecture {self.arch!r}; choose from {sorted(ARCHITECTURES)}")
         for field in ("num_classes", "in_channels"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"network.{field} must be >= 1, got {getattr(self, field)}")
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"network.{field} must be an integer >= 1, got {value!r}")
         if self.stem not in ("cifar", "imagenet"):
             raise ValueError(f"network.stem must be 'cifar' or 'imagenet', got {self.stem!r}")
-        if not self.width > 0:
-            raise ValueError(f"network.width must be > 0, got {self.width}")
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not 0 < self.width < math.inf:
+            raise ValueError(f"network.width must be a finite number > 0, got {self.width!r}")
 
     def build(self) -> nn.Module:
         return ARCHITECTURES[self.arch](
@@ -192,8 +194,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> nn.Module:
-    """Load dense weights strictly; any missing, unexpected or mis-shaped key is listed in the error."""
+    """Load dense weights strictly; any missing, unexpected, mis-shaped or non-finite tensor is listed in the error."""
     state = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    name = source if isinstance(source, (str, Path)) else "state_dict"
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -203,10 +206,16 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
         if k in state and state[k].shape != v.shape
     )
     if missing or unexpected or shapes:
-        name = source if isinstance(source, (str, Path)) else "state_dict"
-        parts = [f"{title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+        parts = [f"{title} ({len(keys)}): {_listing(keys)}"
                  for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
                  if keys]  # fmt: skip
         raise CheckpointMismatchError(f"checkpoint {name} does not fit {type(model).__name__}: " + "; ".join(parts))
+    non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if non_finite:  # refused here, so no accuracy is ever computed from a NaN model
+        raise ValueError(f"checkpoint {name} holds NaN/Inf in {len(non_finite)} tensor(s): {_listing(non_finite)}")
     model.load_state_dict(state)
     return model
+
+
+def _listing(keys: list[str], limit: int = 10) -> str:
+    return ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else "")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import calibrated_dense
+from helpers import calibrated_dense, save_dense_checkpoint
 
 
 @pytest.fixture
@@ -16,3 +18,9 @@ def dense() -> torch.nn.Module:
 def batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(16, 3, 16, 16, generator=g) for _ in range(2)]
+
+
+@pytest.fixture
+def dense_checkpoint(tmp_path) -> Path:
+    """``calibrated_dense()`` as a plain state_dict file, for ``pipeline_config``."""
+    return save_dense_checkpoint(tmp_path / "dense.pt")

@@ -1,0 +1,127 @@
+"""Export: dense-shaped and compact sparse files, packed masks, the size report and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from helpers import TINY_NETWORK, leftover_temp_files, pruned_copy
+
+from lightning_repair import export as export_module
+from lightning_repair.export import (
+    atomic_torch_save,
+    atomic_write_json,
+    export,
+    load_sparse,
+    pack_mask,
+    sparse_state,
+    unpack_mask,
+)
+from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+
+
+@pytest.fixture
+def pruned(dense):
+    """A 90%-sparse model with perturbed BN buffers, so every tensor kind is non-trivial."""
+    model, masks = pruned_copy(dense, sparsity=0.9)
+    with torch.no_grad():
+        model.bn1.running_mean.add_(0.25)
+    return model, masks
+
+
+def test_dense_and_sparse_files_round_trip_bit_exactly(tmp_path, pruned):
+    model, masks = pruned
+    written = export(model, masks, tmp_path)
+    expected = model.state_dict()
+    dense_file = torch.load(written["state_dict"], map_location="cpu", weights_only=True)
+    from_sparse = load_sparse(written["sparse"])
+    for state in (dense_file, from_sparse):
+        assert state.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+    assert leftover_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (9,), (3, 5), (2, 3, 3, 3), (8, 2)])
+@pytest.mark.parametrize("fill", ["random", "all", "none"])
+def test_mask_pack_unpack_round_trip(shape, fill):
+    n = math.prod(shape)
+    mask = {
+        "random": torch.rand(shape, generator=torch.Generator().manual_seed(n)) < 0.3,
+        "all": torch.ones(shape, dtype=torch.bool),
+        "none": torch.zeros(shape, dtype=torch.bool),
+    }[fill]
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8)
+    unpacked = unpack_mask(packed, shape)
+    assert unpacked.dtype == torch.bool and unpacked.shape == shape and torch.equal(unpacked, mask)
+
+
+def test_size_report_sparse_is_smaller_at_90_percent(tmp_path, pruned):
+    model, masks = pruned
+    written = export(model, masks, tmp_path)
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert written["dense_bytes"] == dense_bytes
+    assert written["sparse_bytes"] < dense_bytes / 4  # 10% of the values plus one bit per weight
+    assert written["ratio"] == pytest.approx(written["sparse_bytes"] / dense_bytes)
+    assert os.path.getsize(written["sparse"]) < os.path.getsize(written["state_dict"])
+
+
+def test_exported_state_dict_loads_into_the_plain_architecture(tmp_path, pruned):
+    model, masks = pruned
+    written = export(model, masks, tmp_path)
+    state = torch.load(written["state_dict"], map_location="cpu", weights_only=True)
+    assert not any(key.endswith(("_orig", "_mask")) for key in state)
+    plain = load_weights(Network(**TINY_NETWORK).build(), written["state_dict"])
+    for name, mask in masks.items():
+        assert torch.all(plain.get_submodule(name).weight[~mask] == 0), name
+
+
+def tamper(state: dict[str, torch.Tensor], how: str) -> None:
+    key = "layer1.0.conv1.weight"
+    if how == "values":
+        state[f"{key}::values"] = state[f"{key}::values"][:-1]
+    elif how == "mask":
+        del state[f"{key}::mask"]
+    else:  # the shape claims more weights than the packed mask holds
+        state[f"{key}::shape"] = state[f"{key}::shape"] * 2
+
+
+@pytest.mark.parametrize("how", ["values", "mask", "shape"])
+def test_tampered_sparse_file_is_refused(tmp_path, pruned, how):
+    model, masks = pruned
+    state = sparse_state(model, masks)
+    tamper(state, how)
+    torch.save(state, tmp_path / "tampered.sparse.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"layer1\.0\.conv1\.weight"):
+        load_sparse(tmp_path / "tampered.sparse.pt")
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+@pytest.mark.parametrize("write", ["json", "torch"])
+def test_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch, failing, write):
+    path = tmp_path / "result"
+    save = {"json": atomic_write_json, "torch": atomic_torch_save}[write]
+    save(path, {"version": 1})
+    before = path.read_bytes()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module.os, failing, disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save(path, {"version": 2})
+    assert path.read_bytes() == before
+    assert leftover_temp_files(tmp_path) == []
+
+
+def test_json_with_nan_is_never_written(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"accuracy": 0.5})
+    with pytest.raises(ValueError, match="JSON compliant"):
+        atomic_write_json(path, {"accuracy": float("nan")})
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert leftover_temp_files(tmp_path) == []

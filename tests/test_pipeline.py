@@ -1,0 +1,147 @@
+"""PruneRepairModule's ``fit``: metrics.json, the saved model, TensorBoard scalars and refused inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import (
+    TINY_NETWORK,
+    calibrated_dense,
+    pipeline_config,
+    read_metrics,
+    run_dir,
+    run_fit,
+    save_dense_checkpoint,
+    write_config,
+)
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_repair.allocation import Allocation, allocate
+from lightning_repair.cli import build_cli
+from lightning_repair.export import load_sparse
+from lightning_repair.layers import prunable_layers
+from lightning_repair.masks import compute_masks
+from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+from lightning_repair.repair import describe, parse_recipe
+
+LAYER_FIELDS = {"name", "role", "shape", "numel", "kept", "density"}
+PHASES = {"calibration_forward", "allocation", "masking", "repair", "evaluation"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One pipeline run (erk at 90%, the default repair) shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("pipeline")
+    checkpoint = save_dense_checkpoint(root / "dense.pt")
+    config = write_config(root / "config.yaml", pipeline_config(root, checkpoint))
+    cli = build_cli(["--config", str(config)], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return SimpleNamespace(root=root, checkpoint=checkpoint, trainer=cli.trainer, metrics=read_metrics(root))
+
+
+def test_metrics_json_schema(finished):
+    metrics = finished.metrics
+    assert {"accuracy", "sparsity", "allocation", "repair", "layers", "timings_s", "config"} <= set(metrics)
+    assert set(metrics["accuracy"]) == {"dense", "pruned", "repaired"}
+    assert set(metrics["sparsity"]) == {"target", "achieved"}
+    assert metrics["sparsity"]["target"] == 0.9
+    assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)
+    assert metrics["allocation"] == "erk"
+    assert metrics["repair"] == json.loads(json.dumps(describe(parse_recipe("default"))))
+
+    model = Network(**TINY_NETWORK).build()
+    assert [row["name"] for row in metrics["layers"]] == [layer.name for layer in prunable_layers(model)]
+    for row, layer in zip(metrics["layers"], prunable_layers(model), strict=True):
+        assert set(row) == LAYER_FIELDS
+        assert row["role"] == layer.role and tuple(row["shape"]) == layer.shape and row["numel"] == layer.numel
+        assert 0 <= row["kept"] <= row["numel"] and row["density"] == row["kept"] / row["numel"]
+    kept, total = sum(r["kept"] for r in metrics["layers"]), sum(r["numel"] for r in metrics["layers"])
+    assert metrics["sparsity"]["achieved"] == pytest.approx(1 - kept / total)
+
+    assert PHASES <= set(metrics["timings_s"])
+    assert all(math.isfinite(t) and t >= 0 for t in metrics["timings_s"].values())
+    assert metrics["timings_s"]["calibration_forward"] > 0
+
+    config = metrics["config"]
+    assert config["sparsity"] == 0.9 and config["checkpoint"] == str(finished.checkpoint)
+    assert config["network"] == TINY_NETWORK | {"stem": "cifar"}
+
+
+def test_no_training_step_runs(finished):
+    assert finished.trainer.global_step == 0
+    assert finished.trainer.fit_loop.epoch_loop.batch_progress.total.ready == 0
+
+
+def test_accuracies_are_finite_fractions_with_top5(finished):
+    accuracy, top5 = finished.metrics["accuracy"], finished.metrics["accuracy_top5"]  # 10 classes: top-5 reported
+    assert set(top5) == set(accuracy)
+    for name, top1 in accuracy.items():
+        assert math.isfinite(top1) and 0 <= top1 <= 1
+        assert math.isfinite(top5[name]) and top1 <= top5[name] <= 1
+
+
+def test_saved_model_is_plain_masked_and_loads_with_weights_only(finished):
+    folder = run_dir(finished.root)
+    state = torch.load(folder / "repaired.pt", map_location="cpu", weights_only=True)
+    assert not any("weight_orig" in key or "weight_mask" in key for key in state)
+    model = load_weights(Network(**TINY_NETWORK).build(), folder / "repaired.pt")  # strict: every key fits
+
+    # the masks are exactly the magnitude masks of the dense weights at the reported keep counts
+    keep = {row["name"]: row["kept"] for row in finished.metrics["layers"]}
+    assert keep == allocate(calibrated_dense(), 0.9, Allocation("erk"))
+    for name, mask in compute_masks(calibrated_dense(), keep).items():
+        weight = model.get_submodule(name).weight
+        assert torch.all(weight[~mask] == 0), name
+        assert int(mask.sum()) == keep[name]
+
+    assert all(torch.equal(tensor, state[key]) for key, tensor in load_sparse(folder / "repaired.sparse.pt").items())
+
+
+def test_accuracies_logged_to_tensorboard(finished):
+    events = EventAccumulator(str(run_dir(finished.root)))
+    events.Reload()
+    for name, accuracy in finished.metrics["accuracy"].items():
+        (scalar,) = events.Scalars(f"test/acc_{name}")
+        assert scalar.value == pytest.approx(accuracy, abs=1e-6)
+    for name in finished.metrics["accuracy_top5"]:
+        assert f"test/top5_{name}" in events.Tags()["scalars"]
+
+
+def test_no_top5_with_five_classes_or_fewer(tmp_path):
+    checkpoint = save_dense_checkpoint(tmp_path / "dense.pt", num_classes=4)
+    config = pipeline_config(tmp_path, checkpoint)
+    config["model"]["init_args"]["network"]["num_classes"] = 4
+    config["data"]["synthetic_shape"] = [4, 3, 16]
+    run_fit(write_config(tmp_path / "config.yaml", config))
+    metrics = read_metrics(tmp_path)
+    assert "accuracy_top5" not in metrics
+    assert all(0 <= acc <= 1 for acc in metrics["accuracy"].values())
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_kwargs", "listed"),
+    [
+        ({"arch": "vgg16_bn"}, ["missing", "conv1.weight", "unexpected", "features.0.weight"]),
+        ({"num_classes": 7}, ["shape mismatch", "fc.weight: checkpoint (7, 64) vs model (10, 64)"]),
+    ],
+    ids=["architecture", "class-count"],
+)
+def test_checkpoint_that_does_not_fit_is_refused_listing_keys(tmp_path, checkpoint_kwargs, listed):
+    checkpoint = save_dense_checkpoint(tmp_path / "other.pt", **checkpoint_kwargs)
+    config = write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, checkpoint))
+    with pytest.raises(CheckpointMismatchError, match="other.pt does not fit ResNet") as info:
+        run_fit(config)
+    for part in listed:
+        assert part in str(info.value)
+    assert not (run_dir(tmp_path) / "metrics.json").exists()
+
+
+def test_calibration_set_smaller_than_a_batch_is_refused(tmp_path, dense_checkpoint):
+    config = write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint))
+    with pytest.raises(ValueError, match=r"data\.calibration_size=16 is smaller than one batch \(data\.batch_size=32"):
+        run_fit(config, "--data.calibration_size", "16")
+    assert not (run_dir(tmp_path) / "metrics.json").exists()
