@@ -1,8 +1,8 @@
 """Per-channel sufficient statistics: streaming sums that reduce exactly across processes.
 
 Moments are (count, sums, Gram sums) over every dimension but the channel dimension 1,
-reduced per chunk in float32 and accumulated in float64, and summed (never averaged) across DDP ranks, so a statistic is
-the same on 1 or N processes however the calibration set is split.
+reduced per chunk in float32 around the chunk's channel means and accumulated as raw sums in float64, and summed
+(never averaged) across DDP ranks, so a statistic is the same on 1 or N processes however the calibration set is split.
 """
 
 from __future__ import annotations
@@ -12,6 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all processes when torch.distributed is initialised (as is otherwise)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 @dataclass
@@ -24,30 +31,33 @@ class Moments:
 
     @staticmethod
     def of(tensors: Sequence[torch.Tensor]) -> Moments:
-        # float32 products reduced per chunk (torch's cascaded sums keep them accurate), float64 across chunks
+        # Products in float32 around the chunk's channel means a, raw sums restored in float64. Raw float32 sums
+        # of x*y would lose cov = E[xy] - E[x]E[y] to cancellation when |mean| >> std, enough to change a
+        # repaired weight by > 1e-5 with the batch size or the number of processes.
         dtype = torch.promote_types(tensors[0].dtype, torch.float32)
         xs = [t.detach().to(dtype).reshape(t.shape[0], t.shape[1], -1) for t in tensors]
+        shifts = [x.mean((0, 2), keepdim=True) for x in xs]
+        xs = [x - a for x, a in zip(xs, shifts, strict=True)]
         k, c = len(xs), xs[0].shape[1]
+        count = torch.tensor(float(xs[0].shape[0] * xs[0].shape[2]), dtype=torch.float64, device=xs[0].device)
+        a = torch.cat([s.view(1, c) for s in shifts]).double()
+        sums = torch.stack([x.sum((0, 2)) for x in xs]).double()  # of the shifted values
         grams = torch.empty(k, k, c, dtype=torch.float64, device=xs[0].device)
         for i in range(k):
             for j in range(i, k):
                 grams[i, j] = grams[j, i] = (xs[i] * xs[j]).sum((0, 2))
-        return Moments(
-            torch.tensor(float(xs[0].shape[0] * xs[0].shape[2]), dtype=torch.float64, device=xs[0].device),
-            torch.stack([x.sum((0, 2)) for x in xs]).double(),
-            grams,
-        )
+        # sum (x + a)(y + b) = sum x y + b sum x + a sum y + n a b
+        grams += sums[:, None] * a[None] + a[:, None] * sums[None] + count * a[:, None] * a[None]
+        return Moments(count, sums + count * a, grams)
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.count + other.count, self.sums + other.sums, self.grams + other.grams)
 
     def all_reduce(self) -> Moments:
         """Sum over all processes when torch.distributed is initialised (a no-op otherwise)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([self.count.view(1), self.sums.flatten(), self.grams.flatten()])
-            dist.all_reduce(flat)
-            k, c = self.sums.shape
-            self.count, self.sums, self.grams = flat[0], flat[1 : 1 + k * c].view(k, c), flat[1 + k * c :].view(k, k, c)
+        flat = all_reduce_sum(torch.cat([self.count.view(1), self.sums.flatten(), self.grams.flatten()]))
+        k, c = self.sums.shape
+        self.count, self.sums, self.grams = flat[0], flat[1 : 1 + k * c].view(k, c), flat[1 + k * c :].view(k, k, c)
         return self
 
     @property

@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from lightning_repair.masks import mask_violations
-from lightning_repair.repair import PRESETS, BNRecalibration, VarianceMatching, parse_recipe, repair
+from lightning_repair.repair import PRESETS, BNRecalibration, ClassifierRefit, VarianceMatching, parse_recipe, repair
 from lightning_repair.stats import accumulate
 
 from helpers import calibrated_dense, pruned_copy
@@ -28,12 +28,16 @@ def sequential_reference(pruned: nn.Module, dense: nn.Module, batches, recipe) -
         if hasattr(m, "conv2") and hasattr(m, "bn2"):  # the add runs after the block's last BN
             last = max(i for i, (_, n) in enumerate(order) if n.startswith(name + "."))
             order.insert(last + 1, ("block", name))
+    order.append(("classifier", "fc"))
 
     def capture(model, kind, name):
         store, handles = [], []
         if kind == "bn":
             bn = model.get_submodule(name)
             handles.append(bn.register_forward_pre_hook(lambda mod, inp: store.append(inp[0].clone())))
+        elif kind == "classifier":  # (input, output) of the classifier
+            hook = lambda mod, inp, out: store.append((inp[0].clone(), out.clone()))  # noqa: E731
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
         else:
             block = model.get_submodule(name)
             entry = {}
@@ -53,7 +57,10 @@ def sequential_reference(pruned: nn.Module, dense: nn.Module, batches, recipe) -
     with torch.no_grad():
         for kind, name in order:
             p, d = capture(pruned, kind, name), capture(dense, kind, name)
-            if kind == "bn":
+            if kind == "classifier":
+                for op in ops:
+                    op.at_classifier(pruned.fc, [x for x, _ in p], [z for _, z in d])
+            elif kind == "bn":
                 m = accumulate(list(zip(p, d)))
                 for op in ops:
                     op.at_bn(pruned.get_submodule(name), dense.get_submodule(name), m)
@@ -202,3 +209,48 @@ def test_empty_calibration_set_is_an_error(dense):
     pruned, _ = pruned_copy(dense)
     with pytest.raises(ValueError, match="no batch"):
         repair(pruned, dense, [], "asr")
+
+
+def _classifier_io(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    store = []
+    handle = model.fc.register_forward_hook(lambda mod, inp, out: store.append((inp[0], out)))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    handle.remove()
+    return torch.cat([x for x, _ in store]), torch.cat([z for _, z in store])
+
+
+def test_classifier_refit_equals_masked_least_squares(dense, batches):
+    """Reference: per output row, numpy-style least squares on the kept features plus an intercept."""
+    pruned, masks = pruned_copy(dense, 0.9)
+    features, _ = _classifier_io(pruned, batches)  # the op runs alone: the features do not change
+    _, logits = _classifier_io(dense, batches)
+    repair(pruned, dense, batches, [{"op": "classifier_refit", "ridge": 0.0}])
+    kept = masks["fc"]
+    for j in range(logits.shape[1]):
+        design = torch.cat([features[:, kept[j]], torch.ones(len(features), 1)], 1).double()
+        solution = torch.linalg.lstsq(design, logits[:, j : j + 1].double()).solution.flatten()
+        assert torch.allclose(pruned.fc.weight[j, kept[j]].double(), solution[:-1], rtol=1e-4, atol=1e-5), j
+        assert torch.allclose(pruned.fc.bias[j].double(), solution[-1], rtol=1e-4, atol=1e-5), j
+    assert mask_violations(pruned, masks) == {}
+
+
+def test_classifier_refit_brings_logits_closer_to_dense(dense, batches):
+    pruned, masks = pruned_copy(dense, 0.95)
+    repair(pruned, dense, batches, "bn_recalibration")
+    before = copy.deepcopy(pruned)
+    repair(pruned, dense, batches, [{"op": "classifier_refit"}])
+    _, target = _classifier_io(dense, batches)
+    error = {
+        tag: (_classifier_io(m, batches)[1] - target).square().mean()
+        for tag, m in (("before", before), ("after", pruned))
+    }
+    assert error["after"] < 0.9 * error["before"], error
+    assert mask_violations(pruned, masks) == {}
+
+
+@pytest.mark.parametrize("ridge", [-1.0, float("nan"), float("inf"), "big", True])
+def test_classifier_refit_rejects_bad_ridge(ridge):
+    with pytest.raises(ValueError, match="ridge"):
+        ClassifierRefit(ridge=ridge)
