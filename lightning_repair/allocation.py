@@ -12,19 +12,41 @@ Methods (DESIGN.md section 2):
 - ``erk``: density proportional to ((out+in+kh+kw)/(out*in*kh*kw))**power, with
   google-research/rigl's re-solve when a density would exceed 1 (or its cap).
 - ``lamp``: LAMP scores w_u^2 / sum_{v>=u} w_v^2 (Lee et al. 2021), one global top-k.
+
+RR-guided methods (DESIGN.md section 4) need an RR profile (``diagnostics.rr_profile``) passed to ``allocate``:
+- ``rr``: densities minimising the total post-repair damage sum_l D_res_l(d_l) under the budget, each D_res_l
+  piecewise linear in density through the profile (density 0: the channel-mean repair; density 1: no damage).
+  Every layer weighs the same (w_l = 1): D_res is a noise-to-signal ratio at the layer's output, and behind
+  BatchNorm each layer's signal enters the next at the same scale, so to first order the relative noises of
+  the layers add up at the output. (A residual branch's noise is diluted by the identity path; that is ignored.)
+  The Lagrangian min sum_l D_res_l(d_l) + lam * kept_l, bisected on lam to meet the budget, picks points of each
+  curve's lower convex hull; ``lagrangian_densities`` solves it exactly by filling hull segments in order of
+  damage removed per kept weight, the last one partially, so the budget is met with no bisection tolerance.
+- ``erk_rr``: ERK scores times (RR_l / RR_mean)^rr_power, RR_l interpolated in the profile at the free layers'
+  mean sparsity (the target when no layer is forced), RR_mean their geometric mean. Layers whose damage the
+  repair cannot undo (RR near 1) keep more weights than ERK gives them; well repairable ones fewer. A layer with
+  undefined RR (zero dense energy, or no damage) gets RR_mean (its plain ERK share), and RR is floored at
+  ``RR_FLOOR`` so a layer measured as perfectly repairable still keeps weights.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
 from .layers import ROLES, PrunableLayer, prunable_layers
+
+if TYPE_CHECKING:
+    from .diagnostics import RRProfile
 
 
 @dataclass
@@ -43,6 +65,12 @@ class Override:
     max_density: float | None = None
 
     def __post_init__(self):
+        if not isinstance(self.select, str):
+            raise TypeError(f"override select must be a string (role:<role> or a name regex), got {self.select!r}")
+        for name in ("sparsity", "max_density"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise TypeError(f"override {self.select!r}: {name} must be a number, got {value!r}")
         if (self.sparsity is None) == (self.max_density is None):
             raise ValueError(f"override {self.select!r}: give exactly one of sparsity or max_density")
         if self.sparsity is not None and not 0.0 <= self.sparsity <= 1.0:
@@ -57,22 +85,49 @@ class Allocation:
     """Which allocation method, with its options.
 
     Args:
-        method: uniform, global, erk or lamp (and the RR-guided methods once registered).
+        method: uniform, global, erk, lamp, or the RR-guided rr and erk_rr (which need an RR profile).
         power: ERK exponent on the raw score (1 = Evci et al.).
+        rr_power: erk_rr's exponent on the RR reweighting (0 = plain ERK).
         keep_dense: selectors (``role:first``, a name regex) of layers kept dense.
         overrides: per-layer forced sparsities and density caps.
     """
 
     method: str = "erk"
     power: float = 1.0
+    rr_power: float = 1.0
     keep_dense: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.method not in ALLOCATIONS:
+        if not isinstance(self.method, str) or self.method not in ALLOCATIONS:
             raise ValueError(f"allocation.method: unknown method {self.method!r}; choose from {sorted(ALLOCATIONS)}")
-        self.overrides = [o if isinstance(o, Override) else Override(**o) for o in self.overrides]
+        for name in ("power", "rr_power"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise TypeError(f"allocation.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"allocation.{name} must be finite, got {value}")
+        if isinstance(self.keep_dense, str) or not all(isinstance(s, str) for s in self.keep_dense):
+            raise TypeError(f"allocation.keep_dense must be a list of selectors, got {self.keep_dense!r}")
+        if isinstance(self.overrides, (str, Mapping)):
+            raise TypeError(f"allocation.overrides must be a list of rules, got {self.overrides!r}")
+        self.overrides = [_override(i, o) for i, o in enumerate(self.overrides)]
         self.rules = [Override(s, sparsity=0.0) for s in self.keep_dense] + self.overrides
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _override(index: int, rule: Override | Mapping) -> Override:
+    if isinstance(rule, Override):
+        return rule
+    if not isinstance(rule, Mapping):
+        raise TypeError(f"allocation.overrides[{index}] must be a mapping with select and a rule, got {rule!r}")
+    try:
+        return Override(**rule)
+    except TypeError as err:
+        raise TypeError(f"allocation.overrides[{index}]: {err}") from err
 
 
 def _selector(select: str) -> Callable[[PrunableLayer], bool]:
@@ -94,17 +149,35 @@ Method = Callable[[list[PrunableLayer], list[int], int, Allocation], list[int]]
 ALLOCATIONS: dict[str, Method] = {}
 
 
-def register(name: str) -> Callable[[Method], Method]:
+PROFILE_METHODS: set[str] = set()  # methods that also get the RR profile passed to allocate, as ``profile=``
+
+
+def register(name: str, needs_profile: bool = False) -> Callable[[Method], Method]:
     def add(fn: Method) -> Method:
         ALLOCATIONS[name] = fn
+        if needs_profile:
+            PROFILE_METHODS.add(name)
         return fn
 
     return add
 
 
-def allocate(model: nn.Module, sparsity: float, allocation: Allocation | None = None) -> dict[str, int]:
-    """Keep count of every prunable layer so that global sparsity over prunable weights is ``sparsity``."""
+def allocate(
+    model: nn.Module, sparsity: float, allocation: Allocation | None = None, profile: RRProfile | None = None
+) -> dict[str, int]:
+    """Keep count of every prunable layer so that global sparsity over prunable weights is ``sparsity``.
+
+    ``profile`` (``diagnostics.rr_profile`` of ``model``) is required by the RR-guided methods, ignored by others.
+    """
     allocation = allocation or Allocation()
+    method = ALLOCATIONS[allocation.method]
+    if allocation.method in PROFILE_METHODS:
+        if profile is None:
+            raise ValueError(
+                f"allocation {allocation.method!r} needs an RR profile: "
+                "allocate(..., profile=diagnostics.rr_profile(model, calibration_batches))"
+            )
+        method = partial(method, profile=profile)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     layers = prunable_layers(model)
@@ -132,7 +205,7 @@ def allocate(model: nn.Module, sparsity: float, allocation: Allocation | None = 
         )
     keep = dict(forced)
     if free:
-        counts = ALLOCATIONS[allocation.method](free, free_caps, budget, allocation)
+        counts = method(free, free_caps, budget, allocation)
         keep.update(zip([layer.name for layer in free], counts, strict=True))
     return {layer.name: keep[layer.name] for layer in layers}
 
@@ -218,6 +291,75 @@ def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
 @register("lamp")
 def _lamp(layers, caps, budget, allocation):
     return top_k_per_layer([lamp_scores(layer.module.weight) for layer in layers], caps, budget)
+
+
+def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Lower convex hull of points sorted by x (Andrew's monotone chain); of equal x the first is kept."""
+    hull: list[tuple[float, float]] = []
+    for x, y in points:
+        if hull and x <= hull[-1][0]:
+            continue
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (x1 - x0) * (y - y0) - (y1 - y0) * (x - x0) > 0:  # a left turn: hull[-1] stays
+                break
+            hull.pop()
+        hull.append((x, y))
+    return hull
+
+
+def lagrangian_densities(
+    curves: list[tuple[list[float], list[float]]], numels: list[int], caps: list[int], budget: int
+) -> list[float]:
+    """Densities minimising sum_l D_l(d_l) subject to sum_l d_l * numel_l = budget and d_l * numel_l <= cap_l.
+
+    Each curve D_l is piecewise linear through knots (densities ascending from 0, damages). Within the caps,
+    only its lower convex hull matters to the Lagrangian; a hull segment removes damage at a constant rate per
+    kept weight, decreasing along the curve, so filling all layers' segments in order of that rate (the last one
+    partially) is the exact optimum of the relaxation and meets the budget exactly.
+    """
+    segments = []
+    for i, ((xs, ys), n, cap) in enumerate(zip(curves, numels, caps, strict=True)):
+        limit = cap / n
+        knots = [(x, y) for x, y in zip(xs, ys, strict=True) if x < limit] + [(limit, float(np.interp(limit, xs, ys)))]
+        hull = lower_hull(knots)
+        rate = math.inf
+        for j, ((x0, y0), (x1, y1)) in enumerate(itertools.pairwise(hull)):
+            rate = min(rate, (y0 - y1) / ((x1 - x0) * n))  # rounding must not reorder a layer's own segments
+            segments.append((-rate, i, j, (x1 - x0) * n))
+    densities, left = [0.0] * len(numels), float(budget)
+    for _, i, _, weights in sorted(segments):
+        if left <= 0:
+            break
+        take = min(weights, left)
+        densities[i] += take / numels[i]
+        left -= take
+    return densities
+
+
+@register("rr", needs_profile=True)
+def _rr(layers, caps, budget, allocation, profile):
+    numels = [layer.numel for layer in layers]
+    curves = [profile.damage_curve(layer.name, layer.numel) for layer in layers]
+    return round_to_budget(lagrangian_densities(curves, numels, caps, budget), numels, caps, budget)
+
+
+RR_FLOOR = 1e-3  # erk_rr: smallest RR used, so a layer measured as perfectly repairable keeps a share
+
+
+@register("erk_rr", needs_profile=True)
+def _erk_rr(layers, caps, budget, allocation, profile):
+    numels = [layer.numel for layer in layers]
+    sparsity = 1.0 - budget / sum(numels)
+    rr = [profile.rr_at(x.name, x.numel, sparsity) for x in layers]
+    rr = [r if math.isnan(r) else max(r, RR_FLOOR) for r in rr]
+    known = [r for r in rr if not math.isnan(r)]
+    mean = math.exp(sum(map(math.log, known)) / len(known)) if known else 1.0
+    factors = [1.0 if math.isnan(r) else r / mean for r in rr]
+    scores = [
+        erk_score(x.shape, allocation.power) * f**allocation.rr_power for x, f in zip(layers, factors, strict=True)
+    ]
+    return round_to_budget(water_fill(scores, numels, caps, budget), numels, caps, budget)
 
 
 def allocation_table(model: nn.Module, keep: dict[str, int]) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, allocate, allocation_table
+from .diagnostics import RRProfile
 from .masks import apply_masks, compute_masks, mask_violations
 from .repair import Operator, RepairReport, repair
 
@@ -55,15 +56,17 @@ def prune_and_repair(
     recipe: Sequence[Operator],
     evaluate: Evaluate,
     progress: Callable[[Iterable, str], Iterable] | None = None,
+    profile: RRProfile | None = None,
 ) -> OneShotResult:
     """Prune a copy of ``dense`` to ``sparsity`` and repair it from unlabeled ``calibration`` batches.
 
-    ``dense`` is left untouched. Masks are checked after the repair: a pruned weight that is
-    not exactly zero is an error, never a silently denser model.
+    ``profile`` is the RR profile of ``dense`` that the RR-guided allocations need (a sweep computes it
+    once for all its cells). ``dense`` is left untouched. Masks are checked after the repair: a pruned
+    weight that is not exactly zero is an error, never a silently denser model.
     """
     timings: dict[str, float] = {}
     with timed(timings, "allocation"):
-        keep = allocate(dense, sparsity, allocation)
+        keep = allocate(dense, sparsity, allocation, profile=profile)
     with timed(timings, "masking"):
         masks = compute_masks(dense, keep)
         model = apply_masks(copy.deepcopy(dense), masks)

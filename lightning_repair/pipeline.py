@@ -6,16 +6,22 @@ Only rank 0 writes files; every statistic and every accuracy is reduced across p
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from jsonargparse.typing import restricted_number_type
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import Allocation, format_table
+from .allocation import PROFILE_METHODS, Allocation, allocate, format_table
+from .datamodule import ImageDataModule
+from .diagnostics import DEFAULT_GRID, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
 from .models import Network, load_weights
@@ -36,6 +42,9 @@ class PruneRepairModule(pl.LightningModule):
         repair: a preset (none, bn_recalibration, layer_vm, asr, clipped_asr, default) or a
             list of operators, e.g. ``[{op: bn_recalibration}, {op: variance_matching, ...}]``.
         save_model: write the repaired model (dense-shaped and compact sparse) to the log dir.
+        rr_grid: sparsities of the per-layer RR profile (DESIGN.md section 4), which also adds D_raw, D_res
+            and RR at each layer's allocated sparsity to metrics.json; null or [] turns it off unless the
+            allocation (rr, erk_rr) needs it. Costs about len(rr_grid) + 2 dense calibration passes.
     """
 
     def __init__(
@@ -46,15 +55,25 @@ class PruneRepairModule(pl.LightningModule):
         allocation: str | Allocation = "lamp",
         repair: str | list[dict[str, Any]] = "default",
         save_model: bool = True,
+        rr_grid: tuple[float, ...] | None = DEFAULT_GRID,
     ):
         super().__init__()
+        # the CLI's types check these too; repeated for the Python API
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"model.sparsity must be a number in [0, 1), got {sparsity!r}")
+        if not isinstance(network, Network):
+            raise TypeError(f"model.network must be a Network, got {type(network).__name__}")
         self.save_hyperparameters()
         self.allocation = allocation if isinstance(allocation, Allocation) else Allocation(method=allocation)
         self.recipe = parse_recipe(repair)  # validate before any work starts
+        self.rr_grid = check_grid(rr_grid or [])
+        if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
+            raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
         self.network = network
         self.model = network.build()
         self.results: dict[str, Any] = {}
         self.report = None  # the RepairReport of the last run
+        self.profile: RRProfile | None = None  # the dense model's RR profile, when rr_grid asks for one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -72,24 +91,12 @@ class PruneRepairModule(pl.LightningModule):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "calibration_dataloader"):
             raise TypeError("PruneRepairModule needs an ImageDataModule (data: in the config)")
-        dm.setup("fit")
-        net = self.network
-        if (dm.info.num_classes, dm.info.in_channels) != (net.num_classes, net.in_channels):
-            raise ValueError(
-                f"model.network has num_classes={net.num_classes}, in_channels={net.in_channels} but dataset "
-                f"{dm.hparams.dataset!r} has num_classes={dm.info.num_classes}, in_channels={dm.info.in_channels}"
-            )
-        n_cal, batch = len(dm.calibration_set), dm.hparams.batch_size
-        if n_cal < batch:
-            raise ValueError(f"data.calibration_size={n_cal} is smaller than one batch (data.batch_size={batch})")
-        if n_cal < trainer.world_size:
-            raise ValueError(f"data.calibration_size={n_cal} is smaller than the number of processes")
         rank, world = trainer.global_rank, trainer.world_size
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not show)  # noqa: E731
 
-        dense = load_weights(net.build(), hp.checkpoint).to(self.device).eval()
-        calibration = [b.to(self.device) for b in bar(dm.calibration_dataloader(rank, world), "calibration data")]
+        dense = load_dense(self.network, hp.checkpoint, dm, self.device)
+        calibration = load_calibration(dm, self.device, rank, world, bar)
         timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
 
         def test(model, desc):
@@ -97,7 +104,10 @@ class PruneRepairModule(pl.LightningModule):
 
         with timed(timings, "evaluation"):
             acc_dense = test(dense, "evaluate dense")
-        result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, progress=bar)
+        self.profile, at_allocation = self._rr_profile(dense, calibration, timings)
+        result = prune_and_repair(
+            dense, calibration, hp.sparsity, self.allocation, self.recipe, test, progress=bar, profile=self.profile
+        )
         for key, seconds in result.timings.items():
             timings[key] = timings.get(key, 0.0) + seconds
 
@@ -108,17 +118,39 @@ class PruneRepairModule(pl.LightningModule):
             "sparsity": {"target": hp.sparsity, "achieved": result.achieved_sparsity},
             "allocation": self.allocation.method,
             "repair": describe(self.recipe),
-            "layers": result.layers,
+            "layers": [row | at_allocation.get(row["name"], {}) for row in result.layers],
             "timings_s": timings,
             "test_samples": result.repaired["samples"],
             "world_size": world,
+            "state_sha256": replica_digest(self.model),
             "config": _plain(dict(hp)),
         }
+        if self.profile is not None:
+            self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,
+                                          "layers": self.profile.rows()}  # fmt: skip
         if dm.info.num_classes > 5:
             self.results["accuracy_top5"] = {k: v["top5"] for k, v in runs.items()}
         self.report = result.report
         self._write(result.masks)
         trainer.fit_loop.max_epochs = 0  # nothing to train: the fit loop ends at once
+
+    def _rr_profile(
+        self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float]
+    ) -> tuple[RRProfile | None, dict[str, dict]]:
+        """The RR profile, and per layer name D_raw, D_res and RR measured at the allocated keep count: in the
+        profile's own pass when the allocation does not depend on it, else in a second pass at one sparsity."""
+        if not self.rr_grid:
+            return None, {}
+        sparsity = self.hparams.sparsity
+        with timed(timings, "rr"):
+            if self.allocation.method in PROFILE_METHODS:
+                profile = rr_profile(dense, calibration, self.rr_grid)
+                keep = allocate(dense, sparsity, self.allocation, profile=profile)
+                measured = rr_profile(dense, calibration, grid=(), keep=keep)
+            else:
+                keep = allocate(dense, sparsity, self.allocation)
+                profile = measured = rr_profile(dense, calibration, self.rr_grid, keep=keep)
+        return profile, {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
 
     def _write(self, masks) -> None:
         res = self.results
@@ -126,15 +158,15 @@ class PruneRepairModule(pl.LightningModule):
         metrics |= {f"test/top5_{k}": v for k, v in res.get("accuracy_top5", {}).items()}
         metrics |= {f"time/{k}": v for k, v in res["timings_s"].items()}
         metrics["sparsity/achieved"] = res["sparsity"]["achieved"]
+        # Trainer.log_dir broadcasts from rank 0: every process must read it, or rank 0 waits forever
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=0)
             for row in res["layers"]:
                 logger.log_metrics({f"density/{row['name']}": row["density"]}, step=0)
-            hparams = {"sparsity": res["sparsity"]["target"], "allocation": res["allocation"]}
-            hparams["repair"] = str(self.hparams.repair)
+            hparams = run_hparams(res, dict(self.trainer.datamodule.hparams))
             logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
         if self.hparams.save_model:
             res["export"] = export(self.model, masks, log_dir)
@@ -147,6 +179,73 @@ class PruneRepairModule(pl.LightningModule):
             + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
             + f"\nwrote {log_dir / 'metrics.json'}"
         )
+
+
+def load_dense(network: Network, checkpoint: str, dm: ImageDataModule, device: torch.device | str) -> nn.Module:
+    """The dense model in eval mode on ``device``, once it is known to fit the datamodule's dataset."""
+    dm.setup("fit")
+    if (dm.info.num_classes, dm.info.in_channels) != (network.num_classes, network.in_channels):
+        raise ValueError(
+            f"model.network has num_classes={network.num_classes}, in_channels={network.in_channels} but dataset "
+            f"{dm.hparams.dataset!r} has num_classes={dm.info.num_classes}, in_channels={dm.info.in_channels}"
+        )
+    return load_weights(network.build(), checkpoint).to(device).eval()
+
+
+def load_calibration(
+    dm: ImageDataModule, device: torch.device | str, rank: int = 0, world_size: int = 1,
+    progress: Callable[[Iterable, str], Iterable] | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """This process's shard of the unlabeled calibration batches, on ``device``."""
+    dm.setup("fit")
+    n_cal, batch = len(dm.calibration_set), dm.hparams.batch_size
+    if n_cal < batch:
+        raise ValueError(f"data.calibration_size={n_cal} is smaller than one batch (data.batch_size={batch})")
+    if n_cal < world_size:
+        raise ValueError(f"data.calibration_size={n_cal} is smaller than the number of processes")
+    loader = dm.calibration_dataloader(rank, world_size)
+    return [b.to(device) for b in (progress(loader, "calibration data") if progress else loader)]
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state_dict: names, dtypes, shapes and the bytes of every tensor, in order."""
+    sha = hashlib.sha256()
+    for key, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        sha.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def replica_digest(model: nn.Module) -> str:
+    """``state_digest`` of the model, checked to be the same on every DDP process (RuntimeError if not)."""
+    digest = state_digest(model.state_dict())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        if differing:
+            raise RuntimeError(
+                f"processes {differing} hold a different repaired model than process 0: a calibration "
+                "statistic or a repair step was not reduced across processes"
+            )
+    return digest
+
+
+def run_hparams(results: dict, data: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
+    """A run's hyperparameters, flat, for TensorBoard's hparams view: the module's config (``network.arch``,
+    ``allocation.rr_power``, ...; lists as text) and the datamodule's (``data.calibration_size``, ...)."""
+    flat = {"sparsity": results["sparsity"]["target"], "allocation": results["allocation"],
+            "repair": str(results["config"]["repair"])}  # fmt: skip
+    for key, value in (_flat(results["config"]) | _flat(_plain(dict(data)), "data.")).items():
+        flat.setdefault(key, value if isinstance(value, (int, float, str, bool)) else str(value))
+    return flat
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if not isinstance(obj, dict):
+        return {prefix.rstrip("."): obj}
+    return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
 def _plain(obj):

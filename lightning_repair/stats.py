@@ -37,7 +37,7 @@ class Moments:
         dtype = torch.promote_types(tensors[0].dtype, torch.float32)
         xs = [t.detach().to(dtype).reshape(t.shape[0], t.shape[1], -1) for t in tensors]
         shifts = [x.mean((0, 2), keepdim=True) for x in xs]
-        xs = [x - a for x, a in zip(xs, shifts, strict=True)]
+        xs = [x - s for x, s in zip(xs, shifts, strict=True)]
         k, c = len(xs), xs[0].shape[1]
         count = torch.tensor(float(xs[0].shape[0] * xs[0].shape[2]), dtype=torch.float64, device=xs[0].device)
         a = torch.cat([s.view(1, c) for s in shifts]).double()

@@ -28,7 +28,7 @@ from lightning_repair.masks import compute_masks
 from lightning_repair.models import CheckpointMismatchError, Network, load_weights
 from lightning_repair.repair import describe, parse_recipe
 
-LAYER_FIELDS = {"name", "role", "shape", "numel", "kept", "density"}
+LAYER_FIELDS = {"name", "role", "shape", "numel", "kept", "density", "rr", "d_raw", "d_res"}
 PHASES = {"calibration_forward", "allocation", "masking", "repair", "evaluation"}
 
 
