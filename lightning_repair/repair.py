@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -287,11 +287,15 @@ def parse_recipe(recipe: str | Sequence[dict | Operator]) -> list[Operator]:
         if recipe not in PRESETS:
             raise ValueError(f"repair: unknown preset {recipe!r}; choose from {sorted(PRESETS)}")
         recipe = PRESETS[recipe]
+    if not isinstance(recipe, Sequence):
+        raise ValueError(f"repair: expected a preset name or a list of operators, got {recipe!r}")
     ops = []
     for i, step in enumerate(recipe):
         if isinstance(step, SiteHooks):
             ops.append(step)
             continue
+        if not isinstance(step, Mapping):
+            raise ValueError(f"repair[{i}]: expected an operator dict like {{op: bn_recalibration}}, got {step!r}")
         step = dict(step)
         name = step.get("op")
         if name not in OPERATORS:
@@ -368,6 +372,10 @@ def repair(
         raise ValueError("repair needs calibration data: the calibration loader yielded no batch")
     if any(not isinstance(b, torch.Tensor) for b in batches):
         raise TypeError("calibration batches must be image tensors (labels never reach the repair)")
+    dtype = next(pruned.parameters()).dtype
+    others = sorted({str(b.dtype) for b in batches if b.dtype != dtype})
+    if others:
+        raise TypeError(f"calibration batches have dtype {', '.join(others)}, the model {dtype}: cast one to the other")
     modes = (pruned.training, dense.training)
     pruned.eval(), dense.eval()
     graph = trace(pruned)

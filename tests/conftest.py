@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import calibrated_dense, save_dense_checkpoint
 
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from helpers import TINY_NETWORK, pipeline_config, read_metrics, run_dir, run_fit, save_dense_checkpoint, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -18,6 +17,8 @@ from lightning_repair.callbacks import RepairLogger, rr_heatmap
 from lightning_repair.diagnostics import DEFAULT_GRID
 from lightning_repair.layers import prunable_layers
 from lightning_repair.models import Network
+
+from helpers import TINY_NETWORK, pipeline_config, read_metrics, run_dir, run_fit, save_dense_checkpoint, write_config
 
 LOGGER = {"class_path": "lightning_repair.callbacks.RepairLogger"}
 CONFIGS = Path(__file__).parents[1] / "configs" / "rr"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import pipeline_config, read_metrics, run_dir, run_fit, write_config
 
 from lightning_repair.cli import main
 from lightning_repair.repair import describe, parse_recipe
+
+from helpers import pipeline_config, read_metrics, run_dir, run_fit, write_config
 
 
 @pytest.fixture

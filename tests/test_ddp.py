@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TINY_NETWORK, pipeline_config, read_metrics, run_dir, run_fit, write_config
 from torch.utils.data import DataLoader
 
 from lightning_repair.data import build_datasets
@@ -26,6 +25,8 @@ from lightning_repair.models import Network, load_weights
 from lightning_repair.pipeline import replica_digest, state_digest
 from lightning_repair.repair import PRESETS
 from lightning_repair.stats import Moments
+
+from helpers import TINY_NETWORK, pipeline_config, read_metrics, run_dir, run_fit, write_config
 
 CLI = Path(sys.executable).with_name("lightning-repair")
 DDP_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")

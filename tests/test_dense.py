@@ -6,9 +6,10 @@ import csv
 
 import pytest
 import torch
-from helpers import TINY_NETWORK, run_fit, write_config
 
 from lightning_repair.models import Network, load_weights
+
+from helpers import TINY_NETWORK, run_fit, write_config
 
 
 def dense_training_config(root, var_lambda: float, wcr_lambda: float) -> dict:

@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from helpers import calibrated_dense
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -32,6 +31,8 @@ from lightning_repair.diagnostics import (
 )
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import magnitude_mask
+
+from helpers import calibrated_dense
 
 GRID = (0.5, 0.9, 0.99)
 

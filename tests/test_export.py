@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_NETWORK, leftover_temp_files, pruned_copy
 
 from lightning_repair import export as export_module
 from lightning_repair.export import (
@@ -21,6 +20,8 @@ from lightning_repair.export import (
     unpack_mask,
 )
 from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+
+from helpers import TINY_NETWORK, leftover_temp_files, pruned_copy
 
 
 @pytest.fixture

@@ -8,6 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_repair.allocation import Allocation, allocate
+from lightning_repair.cli import build_cli
+from lightning_repair.export import load_sparse
+from lightning_repair.layers import prunable_layers
+from lightning_repair.masks import compute_masks
+from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+from lightning_repair.repair import describe, parse_recipe
+
 from helpers import (
     TINY_NETWORK,
     calibrated_dense,
@@ -18,15 +28,6 @@ from helpers import (
     save_dense_checkpoint,
     write_config,
 )
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from lightning_repair.allocation import Allocation, allocate
-from lightning_repair.cli import build_cli
-from lightning_repair.export import load_sparse
-from lightning_repair.layers import prunable_layers
-from lightning_repair.masks import compute_masks
-from lightning_repair.models import CheckpointMismatchError, Network, load_weights
-from lightning_repair.repair import describe, parse_recipe
 
 LAYER_FIELDS = {"name", "role", "shape", "numel", "kept", "density", "rr", "d_raw", "d_res"}
 PHASES = {"calibration_forward", "allocation", "masking", "repair", "evaluation"}

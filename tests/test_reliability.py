@@ -16,16 +16,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import (
-    calibrated_dense,
-    leftover_temp_files,
-    pipeline_config,
-    pruned_copy,
-    read_metrics,
-    run_dir,
-    run_fit,
-    write_config,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -36,6 +26,17 @@ from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import mask_violations
 from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network
 from lightning_repair.repair import PRESETS, repair
+
+from helpers import (
+    calibrated_dense,
+    leftover_temp_files,
+    pipeline_config,
+    pruned_copy,
+    read_metrics,
+    run_dir,
+    run_fit,
+    write_config,
+)
 
 
 def nothing_written(root) -> bool:
@@ -183,7 +184,6 @@ def test_low_precision_repair_is_finite_and_keeps_masks(dtype):
         assert torch.isfinite(pruned(batches[0])).all()
 
 
-@pytest.mark.xfail(strict=True, reason="repair() should check the batch dtype against the model's (repair.py)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_batches_in_another_dtype_than_the_model_are_refused_clearly(dtype):
     dense = calibrated_dense()

@@ -61,11 +61,11 @@ def sequential_reference(pruned: nn.Module, dense: nn.Module, batches, recipe) -
                 for op in ops:
                     op.at_classifier(pruned.fc, [x for x, _ in p], [z for _, z in d])
             elif kind == "bn":
-                m = accumulate(list(zip(p, d)))
+                m = accumulate(list(zip(p, d, strict=True)))
                 for op in ops:
                     op.at_bn(pruned.get_submodule(name), dense.get_submodule(name), m)
             elif any(getattr(op, "site", None) == "block" for op in ops):
-                m = accumulate([(ep["r"], ep["x"], ed["r"] + ed["x"]) for ep, ed in zip(p, d)])
+                m = accumulate([(ep["r"], ep["x"], ed["r"] + ed["x"]) for ep, ed in zip(p, d, strict=True)])
                 for op in ops:
                     op.at_block(pruned.get_submodule(name).bn2, m)
 
@@ -95,7 +95,7 @@ def test_bn_recalibration_matches_update_bn(dense, batches):
     ref = copy.deepcopy(ours)
     repair(ours, dense, [data], "bn_recalibration")
     update_bn([data], ref)
-    for (name, m), m_ref in zip(ours.named_modules(), ref.modules()):
+    for (name, m), m_ref in zip(ours.named_modules(), ref.modules(), strict=True):
         if isinstance(m, nn.BatchNorm2d):
             # the first BN sees identical inputs; later ones differ only by update_bn normalising
             # upstream layers with the biased batch variance instead of the unbiased running one
@@ -132,7 +132,7 @@ def test_each_layer_runs_once_per_batch_whatever_the_depth(batches):
         for tag, model in (("p", pruned), ("d", dense)):
             for name, m in model.named_modules():
                 if isinstance(m, nn.Conv2d):
-                    m.register_forward_hook(lambda *a, key=(tag, name): calls.__setitem__(key, calls.get(key, 0) + 1))
+                    m.register_forward_hook(lambda *a, key=(tag, name), c=calls: c.__setitem__(key, c.get(key, 0) + 1))
         repair(pruned, dense, batches, "default")
         assert set(calls.values()) == {len(batches)}, arch
 
@@ -179,7 +179,7 @@ def test_dead_channels_get_finite_documented_gains(dense, batches):
     with torch.no_grad():
         feats_p = [pruned.layer1[0].conv1(pruned.relu(pruned.bn1(pruned.conv1(b)))) for b in batches]
         feats_d = [dense_dead.layer1[0].conv1(dense_dead.relu(dense_dead.bn1(dense_dead.conv1(b)))) for b in batches]
-        vm.at_bn(bn, dense_dead.layer1[0].bn1, accumulate(list(zip(feats_p, feats_d))))
+        vm.at_bn(bn, dense_dead.layer1[0].bn1, accumulate(list(zip(feats_p, feats_d, strict=True))))
     assert torch.equal(bn.weight[:3], gamma[:3])  # zero pruned variance: gain exactly 1
 
 
@@ -202,6 +202,10 @@ def test_bad_recipes_are_rejected():
         VarianceMatching(clip=(2.0, 3.0))
     with pytest.raises(ValueError, match="granularity"):
         VarianceMatching(granularity="pixel")
+    with pytest.raises(ValueError, match="operator dict"):
+        parse_recipe(["bn_recalibration"])
+    with pytest.raises(ValueError, match="preset name or a list"):
+        parse_recipe(5)
     assert isinstance(parse_recipe("default")[0], BNRecalibration)
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import pipeline_config, read_metrics, run_fit, save_dense_checkpoint, write_config
 
 from lightning_repair import ImageDataModule, sweep
 from lightning_repair.allocation import Allocation
 from lightning_repair.models import Network
 from lightning_repair.sweep import COLUMNS, RESULTS, Grid, read_results, row_key
+
+from helpers import pipeline_config, read_metrics, run_fit, save_dense_checkpoint, write_config
 
 GRID = {"allocations": ["erk", "lamp"], "sparsities": [0.9, 0.95], "repairs": ["asr"]}
 
