@@ -89,7 +89,8 @@ def log_report(writer, report) -> None:
 
 def rr_heatmap(profile: dict, rows: list[dict]) -> np.ndarray:
     """RGB image (H, W, 3) of RR, layers (rows, in network order) x profile sparsities (columns); undefined
-    cells grey, each layer's allocated sparsity a dot (placed by linear interpolation between columns)."""
+    cells grey, each layer's allocated sparsity a dot placed by linear interpolation between columns (a triangle
+    on the edge when it lies outside the grid, e.g. a layer kept dense)."""
     grid, names = profile["grid"], [r["name"] for r in profile["layers"]]
     rr = np.array([[math.nan if v is None else v for v in r["rr"]] for r in profile["layers"]], dtype=float)
     fig = Figure(figsize=(2.5 + 0.65 * len(grid), 1.2 + 0.24 * len(names)), dpi=100)
@@ -101,11 +102,21 @@ def rr_heatmap(profile: dict, rows: list[dict]) -> np.ndarray:
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("sparsity")
     ax.set_title("Relative Repairability (0 = repairable, 1 = not)", fontsize=9)
-    density = {r["name"]: r["density"] for r in rows}
-    chosen = [(np.interp(1 - density[n], grid, range(len(grid))), i) for i, n in enumerate(names) if n in density]
-    if chosen:
-        ax.scatter(*zip(*chosen, strict=True), s=12, c="red", marker="o", label="allocated sparsity")
-        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.08), fontsize=7, frameon=False)
+    allocated = {r["name"]: 1 - r["density"] for r in rows}
+    marks = {"o": [], "<": [], ">": []}  # inside the grid; below it (e.g. a dense layer); above it
+    for i, sparsity in ((i, allocated[n]) for i, n in enumerate(names) if n in allocated):
+        if sparsity < grid[0]:
+            marks["<"].append((-0.5, i))
+        elif sparsity > grid[-1]:
+            marks[">"].append((len(grid) - 0.5, i))
+        else:
+            marks["o"].append((np.interp(sparsity, grid, range(len(grid))), i))
+    labels = {"o": "allocated sparsity", "<": "below the grid", ">": "above the grid"}
+    for marker, points in marks.items():
+        if points:
+            ax.scatter(*zip(*points, strict=True), s=14, c="red", marker=marker, label=labels[marker], clip_on=False)
+    if any(marks.values()):
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.08), fontsize=7, frameon=False, ncols=3)
     fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.canvas.draw()

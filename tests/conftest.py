@@ -10,6 +10,15 @@ import torch
 from helpers import calibrated_dense, save_dense_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy 2-core machine: intra-op threads only add synchronisation cost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def dense() -> torch.nn.Module:
     return calibrated_dense()

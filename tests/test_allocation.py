@@ -27,15 +27,6 @@ from lightning_repair.models import Network
 METHODS = ["uniform", "global", "erk", "lamp"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: intra-op threads only add synchronisation cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tie_free(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every prunable weight a distinct magnitude (a random permutation of 1..N, random signs).
 

@@ -38,14 +38,6 @@ GRID = (0.5, 0.9, 0.99)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
 def quiet_small_calibration(recwarn):
     """The tests' calibration sets are far below MIN_CALIBRATION_SAMPLES on purpose."""
 

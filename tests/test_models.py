@@ -12,15 +12,6 @@ import torchvision
 from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network, load_weights, read_state_dict
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: intra-op threads only add synchronisation cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small(arch: str = "resnet18", **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     return Network(arch=arch, width=kw.pop("width", 0.125), **kw).build()
