@@ -27,6 +27,7 @@ zero energy, and RR where D_raw is 0 (pruning changed nothing, e.g. the removed 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,9 @@ def rr_profile(
         missing = [layer.name for layer in layers if layer.name not in keep]
         if missing:
             raise KeyError(f"keep counts are missing prunable layers: {missing}")
+        for layer in layers:
+            if not 0 <= keep[layer.name] <= layer.numel:
+                raise ValueError(f"keep count {keep[layer.name]} of layer {layer.name!r} is outside [0, {layer.numel}]")
     if not grid and keep is None:
         raise ValueError("rr_profile: nothing to measure (empty grid and no keep counts)")
     keeps = [
@@ -157,7 +161,7 @@ def rr_profile(
             stacklevel=2,
         )
     damage = [_damage(m, len(ks), layer.module.bias) for m, ks, layer in zip(moments, keeps, layers, strict=True)]
-    d_raw, d_res, d_res_empty = zip(*damage, strict=True)
+    d_raw, d_res, d_res_empty = ([t.cpu() for t in values] for values in zip(*damage, strict=True))
     d_raw, d_res = torch.stack(d_raw), torch.stack(d_res)
     # a layer that keeps every weight takes no damage: exactly 0, not the rounding of the expanded moments
     dense = torch.tensor([[k == layer.numel for k in ks] for ks, layer in zip(keeps, layers, strict=True)])
@@ -180,8 +184,8 @@ def rr_profile(
 def check_grid(grid: Sequence[float]) -> list[float]:
     """Sorted, de-duplicated sparsities; ValueError naming the first value outside (0, 1)."""
     for s in grid:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s < 1.0:  # NaN fails too
-            raise ValueError(f"rr grid: sparsity {s!r} is outside (0, 1)")
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 < s < 1.0:  # NaN fails too
+            raise ValueError(f"rr grid: sparsity {s!r} is not a number in (0, 1)")
     return sorted({float(s) for s in grid})
 
 

@@ -1,6 +1,6 @@
 """Extract the network weights of a Lightning checkpoint as a plain state_dict (how the shipped checkpoint is made).
 
-    python scripts/extract_weights.py lightning_logs/<run>/checkpoints/<best>.ckpt checkpoints/<name>.pt
+python scripts/extract_weights.py lightning_logs/<run>/checkpoints/<best>.ckpt checkpoints/<name>.pt
 """
 
 import argparse

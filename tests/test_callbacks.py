@@ -151,7 +151,7 @@ def test_profile_methods_need_a_grid_and_grids_are_checked(dense_checkpoint):
     network = Network(**TINY_NETWORK)
     with pytest.raises(ValueError, match="allocation 'erk_rr' needs an RR profile: set model.rr_grid"):
         PruneRepairModule(network, str(dense_checkpoint), allocation="erk_rr", rr_grid=[])
-    with pytest.raises(ValueError, match=r"sparsity 1.0 is outside \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"sparsity 1.0 is not a number in \(0, 1\)"):
         PruneRepairModule(network, str(dense_checkpoint), rr_grid=[0.5, 1.0])
 
 

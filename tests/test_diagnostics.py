@@ -115,6 +115,15 @@ def test_profile_equals_brute_force(kind, batches):
     assert (profile.d_res_empty >= profile.d_res.max(1).values - 1e-9).all()
 
 
+def test_float32_statistics_hold_when_the_mean_dwarfs_the_spread(dense, batches):
+    """Inputs offset by 20 standard deviations: the float32 profile still matches a float64 run of the model."""
+    shifted = [b + 20 for b in batches]
+    single = rr_profile(dense, shifted, GRID)
+    double = rr_profile(copy.deepcopy(dense).double(), [b.double() for b in shifted], GRID)
+    torch.testing.assert_close(single.d_raw, double.d_raw, rtol=1e-4, atol=0)
+    torch.testing.assert_close(single.d_res, double.d_res, rtol=1e-4, atol=0)
+
+
 def test_keep_counts_are_measured_in_the_same_pass(dense, batches):
     layers = prunable_layers(dense)
     keep = {layer.name: layer.numel - round(0.9 * layer.numel) for layer in layers}  # the 0.9 grid point
@@ -132,6 +141,8 @@ def test_keep_counts_are_measured_in_the_same_pass(dense, batches):
         assert [r[field] for r in only.keep_rows()] == pytest.approx([r[field] for r in rows], rel=1e-12)
     with pytest.raises(KeyError, match="missing prunable layers"):
         rr_profile(dense, batches, keep={"fc": 3})
+    with pytest.raises(ValueError, match=r"keep count 641 of layer 'fc' is outside \[0, 640\]"):
+        rr_profile(dense, batches, keep=keep | {"fc": 641})
     with pytest.raises(ValueError, match="without keep counts"):
         profile_without = rr_profile(dense, batches, (0.9,))
         profile_without.keep_rows()
@@ -211,7 +222,7 @@ def test_zero_energy_layer_and_no_damage_are_undefined_not_nan():
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.5", True])
 def test_grid_values_outside_the_open_interval(dense, batches, bad):
-    with pytest.raises(ValueError, match=rf"sparsity {bad!r} is outside \(0, 1\)"):
+    with pytest.raises(ValueError, match=rf"sparsity {bad!r} is not a number in \(0, 1\)"):
         rr_profile(dense, batches, (0.5, bad))
 
 
