@@ -18,24 +18,32 @@ def evaluate(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, float | int]:
     """Accuracy counted sample by sample; under DDP each process passes its own non-padded shard
-    and the counts (not the accuracies) are summed, so every test sample counts exactly once."""
+    and the counts (not the accuracies) are summed, so every test sample counts exactly once.
+
+    Non-finite logits raise FloatingPointError on every process after the sum, so no process is left
+    waiting in a collective for one that stopped."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct top-1, correct top-5, seen
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # correct top-1, correct top-5, seen, non-finite
     try:
         for images, labels in progress(loader) if progress else loader:
             logits = model(images.to(device))
-            if not torch.isfinite(logits).all():
-                raise FloatingPointError("non-finite logits during evaluation: the model produced NaN/Inf")
             labels = labels.to(device)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top == labels[:, None]
-            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+            seen = torch.tensor(len(labels), device=device)
+            non_finite = (~torch.isfinite(logits).all(1)).sum()
+            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), seen, non_finite])
     finally:
         model.train(was_training)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)
-    top1, top5, seen = counts.tolist()
+    top1, top5, seen, non_finite = counts.tolist()
+    if non_finite:
+        raise FloatingPointError(
+            f"non-finite logits during evaluation for {int(non_finite)} of {int(seen)} test images: "
+            "the model produced NaN/Inf"
+        )
     if seen == 0:
         raise ValueError("evaluation saw no test sample: the test loader is empty")
     return {"top1": top1 / seen, "top5": top5 / seen, "samples": int(seen)}

@@ -124,6 +124,7 @@ class PruneRepairModule(pl.LightningModule):
             "world_size": world,
             "state_sha256": replica_digest(self.model),
             "config": _plain(dict(hp)),
+            "data_config": _plain(dict(dm.hparams)),
         }
         if self.profile is not None:
             self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,
@@ -166,7 +167,7 @@ class PruneRepairModule(pl.LightningModule):
             logger.log_metrics(metrics, step=0)
             for row in res["layers"]:
                 logger.log_metrics({f"density/{row['name']}": row["density"]}, step=0)
-            hparams = run_hparams(res, dict(self.trainer.datamodule.hparams))
+            hparams = run_hparams(res)
             logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
         if self.hparams.save_model:
             res["export"] = export(self.model, masks, log_dir)
@@ -232,12 +233,12 @@ def replica_digest(model: nn.Module) -> str:
     return digest
 
 
-def run_hparams(results: dict, data: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
+def run_hparams(results: dict) -> dict[str, int | float | str | bool]:
     """A run's hyperparameters, flat, for TensorBoard's hparams view: the module's config (``network.arch``,
     ``allocation.rr_power``, ...; lists as text) and the datamodule's (``data.calibration_size``, ...)."""
     flat = {"sparsity": results["sparsity"]["target"], "allocation": results["allocation"],
             "repair": str(results["config"]["repair"])}  # fmt: skip
-    for key, value in (_flat(results["config"]) | _flat(_plain(dict(data)), "data.")).items():
+    for key, value in (_flat(results["config"]) | _flat(results["data_config"], "data.")).items():
         flat.setdefault(key, value if isinstance(value, (int, float, str, bool)) else str(value))
     return flat
 

@@ -316,12 +316,16 @@ def describe(ops: Iterable[Operator]) -> list[dict]:
 
 @dataclass
 class RepairReport:
-    """What the engine did: per-site gains (for histograms) and the number of sites."""
+    """What the engine did, per site (for histograms): the sites, the gains of block-site operators, and at each
+    BN site the per-channel variance ratio pruned/dense of the BN output, with every upstream site already
+    repaired, before and after this site's operators (before = the ratio of the BN inputs, as the pruned BN
+    still holds the dense parameters there)."""
 
     bn_sites: list[str] = field(default_factory=list)
     block_sites: list[str] = field(default_factory=list)
     gains: dict[str, torch.Tensor] = field(default_factory=dict)
     variance_ratio: dict[str, torch.Tensor] = field(default_factory=dict)
+    variance_ratio_after: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class UntraceableModelError(TypeError):
@@ -397,10 +401,15 @@ def repair(
             if isinstance(module_p, nn.modules.batchnorm._BatchNorm):
                 x_p, x_d = env_p[node.args[0]], env_d[node.args[0]]
                 m = accumulate(list(zip(x_p, x_d, strict=True))).check_finite(f"BN input of {node.target}")
+                ratio = m.cov[0, 0] / m.cov[1, 1].clamp_min(_EPS_VAR)
                 for op in ops:
                     op.at_bn(module_p, mods_d[node.target], m)
                 report.bn_sites.append(node.target)
-                report.variance_ratio[node.target] = (m.cov[0, 0] / m.cov[1, 1].clamp_min(_EPS_VAR)).float().cpu()
+                report.variance_ratio[node.target] = ratio.float().cpu()
+                if module_p.running_var is not None:  # eval-mode BN is a * x + c per channel
+                    a_p, a_d = (_bn_affine(bn)[0].to(ratio) for bn in (module_p, mods_d[node.target]))
+                    after = ratio * a_p.square() / a_d.square().clamp_min(_EPS_VAR)
+                    report.variance_ratio_after[node.target] = after.float().cpu()
             bn_node = _residual_bn(node, mods_p)
             if bn_node is not None and any(getattr(op, "site", None) == "block" for op in ops):
                 r_p, s_p = env_p[node.args[0]], env_p[node.args[1]]

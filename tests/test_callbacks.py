@@ -105,6 +105,8 @@ def test_repair_histograms_one_step_per_site(finished):
     channels = sum(h.histogram_value.num for h in histograms)
     assert channels == 8 + 4 * (8 + 16 + 32 + 64) + 16 + 32 + 64  # width 0.125: 8, 16, 32, 64 channels
     assert all(h.histogram_value.min >= 0 for h in histograms)  # variance ratios
+    after = finished.events.Histograms("repair/variance_ratio_after")
+    assert [h.step for h in after] == list(range(bn_sites)) and sum(h.histogram_value.num for h in after) == channels
 
 
 def test_hparams_view_has_the_run_and_its_accuracies(finished):

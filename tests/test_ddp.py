@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lightning_repair.data import build_datasets
+from lightning_repair.evaluation import evaluate
 from lightning_repair.models import Network, load_weights
 from lightning_repair.pipeline import replica_digest, state_digest
 from lightning_repair.repair import PRESETS
@@ -200,6 +201,30 @@ def test_replica_digest_fails_when_ranks_differ(tmp_path):
     mp.start_processes(_digest_on_rank, (str(tmp_path / "same"), False), nprocs=2, start_method="fork")
     with pytest.raises(mp.ProcessRaisedException, match=r"processes \[1\] hold a different repaired model"):
         mp.start_processes(_digest_on_rank, (str(tmp_path / "differ"), True), nprocs=2, start_method="fork")
+
+
+def _evaluate_on_rank(rank: int, folder: str) -> None:
+    """Rank 1's shard holds a NaN image, rank 0's is clean; each rank writes down what evaluate raised."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    try:
+        images = torch.ones(4, 3)
+        if rank == 1:
+            images[2, 0] = float("nan")
+        evaluate(torch.nn.Linear(3, 5), [(images, torch.zeros(4, dtype=torch.long))])
+    except FloatingPointError as err:
+        Path(folder, f"rank{rank}.txt").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_non_finite_logits_on_one_rank_stop_every_rank(tmp_path):
+    """Both processes raise, after the counts are summed (a rank raising alone would leave the other waiting in
+    all_reduce forever)."""
+    mp.start_processes(_evaluate_on_rank, (str(tmp_path),), nprocs=2, start_method="fork")
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "non-finite logits during evaluation for 1 of 8 test images" in message
 
 
 @pytest.mark.ddp

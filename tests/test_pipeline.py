@@ -46,7 +46,8 @@ def finished(tmp_path_factory):
 
 def test_metrics_json_schema(finished):
     metrics = finished.metrics
-    assert {"accuracy", "sparsity", "allocation", "repair", "layers", "timings_s", "config"} <= set(metrics)
+    fields = {"accuracy", "sparsity", "allocation", "repair", "layers", "timings_s", "config", "data_config"}
+    assert fields <= set(metrics)
     assert set(metrics["accuracy"]) == {"dense", "pruned", "repaired"}
     assert set(metrics["sparsity"]) == {"target", "achieved"}
     assert metrics["sparsity"]["target"] == 0.9
@@ -70,6 +71,7 @@ def test_metrics_json_schema(finished):
     config = metrics["config"]
     assert config["sparsity"] == 0.9 and config["checkpoint"] == str(finished.checkpoint)
     assert config["network"] == TINY_NETWORK | {"stem": "cifar"}
+    assert metrics["data_config"]["dataset"] == "synthetic" and metrics["data_config"]["calibration_size"] == 64
 
 
 def test_no_training_step_runs(finished):

@@ -104,6 +104,42 @@ def test_bn_recalibration_matches_update_bn(dense, batches):
             assert torch.allclose(m.running_var, m_ref.running_var, rtol=tol, atol=tol), name
 
 
+def _bn_output_variances(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Per-channel variance of every BN output (cloned in the hook: an in-place ReLU overwrites it next)."""
+    outputs: dict[str, list[torch.Tensor]] = {}
+
+    def record(name: str):
+        return lambda _module, _inputs, y: outputs.setdefault(name, []).append(y.transpose(0, 1).clone())
+
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [m.register_forward_hook(record(name)) for name, m in bns]
+    with torch.no_grad():
+        model.eval()
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return {name: torch.cat(ys, 1).flatten(1).double().var(1) for name, ys in outputs.items()}
+
+
+@pytest.mark.parametrize("preset", ["bn_recalibration", "default"])
+def test_reported_variance_ratios_are_the_bn_output_ratios(dense, batches, preset):
+    """After: the repaired model's BN output variances over the dense model's, per channel (these presets change
+    no BN after its own site, so a forward pass of the result measures them). Before: the same ratio ahead of
+    the site's own operators, i.e. with the upstream sites repaired; at the first BN, the plain pruned model."""
+    pruned, _ = pruned_copy(dense, 0.9)
+    first = _bn_output_variances(pruned, batches)["bn1"]
+    report = repair(pruned, dense, batches, preset)
+    reference, after = _bn_output_variances(dense, batches), _bn_output_variances(pruned, batches)
+    assert list(report.variance_ratio) == list(report.variance_ratio_after) == list(reference)
+    pairs = [(report.variance_ratio["bn1"], first, "bn1")]
+    pairs += [(report.variance_ratio_after[name], after[name], name) for name in reference]
+    for reported, measured, name in pairs:
+        live = reference[name] > 1e-6
+        expected = (measured / reference[name])[live].float()
+        assert torch.allclose(reported[live], expected, rtol=1e-4, atol=1e-6), name
+
+
 def test_batching_does_not_change_the_result(dense, batches):
     one, _ = pruned_copy(dense)
     many = copy.deepcopy(one)
