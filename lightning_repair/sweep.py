@@ -72,6 +72,7 @@ from .repair import Operator, parse_recipe
 
 RESULTS = "results.csv"
 PLOT = "accuracy_vs_sparsity.png"
+TABLE = "results.md"
 IDENTITY = "sweep.json"
 
 # results.csv columns and their types; the first five are a cell's key. Times are seconds: the cell's
@@ -373,29 +374,55 @@ def _dense_accuracy(rows: list[dict]) -> dict[str, float]:
 
 
 def plot(rows: list[dict]) -> Figure:
-    """Repaired top-1 accuracy vs sparsity, one panel per dense model, one line per allocation x repair
-    (mean over seeds, error bar = std), and the dense accuracy as a dashed line."""
+    """Repaired top-1 accuracy vs sparsity: a panel per dense model (row) and allocation (column), a line per
+    repair (mean over seeds, error bar = std; one color per repair in every panel), the dense accuracy dashed."""
     dense = _dense_accuracy(rows)
     curves = _curves(rows)
     allocations = list(dict.fromkeys(k[1] for k in curves))
     repairs = list(dict.fromkeys(k[2] for k in curves))
-    fig = Figure(figsize=(7.5 * len(dense), 5.0), dpi=150, layout="constrained")
-    axes = fig.subplots(1, len(dense), sharey=True, squeeze=False)[0]
-    for ax, checkpoint in zip(axes, dense, strict=True):
-        for (ckpt, allocation, repair), curve in curves.items():
-            if ckpt != checkpoint:
-                continue
-            xs, style = sorted(curve), allocations.index(allocation)  # color: repair; marker and line: allocation
-            ax.errorbar(
-                xs, [mean(curve[x]) for x in xs], yerr=[pstdev(curve[x]) for x in xs], capsize=3,
-                color=f"C{repairs.index(repair) % 10}", marker="os^Dv<>"[style % 7],
-                linestyle=["-", ":", "-."][style % 3], label=f"{allocation} + {repair}",
-            )  # fmt: skip
-        ax.axhline(dense[checkpoint], color="black", linestyle="--", label="dense")
-        ax.set(title=Path(checkpoint).name, xlabel="target sparsity", ylabel="top-1 accuracy (repaired)")
-        ax.grid(alpha=0.3)
-    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+    fig = Figure(figsize=(2.5 + 4.5 * len(allocations), 0.5 + 3.8 * len(dense)), dpi=150, layout="constrained")
+    axes = fig.subplots(len(dense), len(allocations), sharex=True, sharey=True, squeeze=False)
+    for (checkpoint, allocation, repair), curve in curves.items():
+        ax, xs = axes[list(dense).index(checkpoint), allocations.index(allocation)], sorted(curve)
+        ax.errorbar(
+            xs, [mean(curve[x]) for x in xs], yerr=[pstdev(curve[x]) for x in xs], capsize=3, marker="o",
+            markersize=3, color=f"C{repairs.index(repair) % 10}", label=repair,
+        )  # fmt: skip
+    for i, (checkpoint, acc) in enumerate(dense.items()):
+        for j, allocation in enumerate(allocations):
+            ax = axes[i, j]
+            ax.axhline(acc, color="black", linestyle="--", linewidth=1, label="dense")
+            ax.set_title(f"{Path(checkpoint).name}: {allocation}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[i, 0].set_ylabel("top-1 accuracy (repaired)")
+    for ax in axes[-1]:
+        ax.set_xlabel("target sparsity")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
     return fig
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Top-1 accuracy in % (mean over seeds) per dense model, allocation and sparsity (rows, in grid order):
+    pruned (what ``none`` gives), then repaired by each other repair (columns)."""
+    repairs = [r for r in dict.fromkeys(r["repair"] for r in rows) if r != "none"]
+    order = {k: list(dict.fromkeys(r[k] for r in rows)) for k in ("checkpoint", "allocation")}
+    by_line: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        line = by_line.setdefault((r["checkpoint"], r["allocation"], r["sparsity"]), {})
+        line.setdefault("pruned", []).append(r["acc_pruned"])
+        line.setdefault(r["repair"], []).append(r["acc_repaired"])
+    several = len(order["checkpoint"]) > 1
+    head = (["checkpoint"] if several else []) + ["allocation", "sparsity", "pruned"] + [f"`{r}`" for r in repairs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    key = lambda k: (order["checkpoint"].index(k[0]), order["allocation"].index(k[1]), k[2])  # noqa: E731
+    for checkpoint, allocation, sparsity in sorted(by_line, key=key):
+        line = by_line[checkpoint, allocation, sparsity]
+        cells = ([Path(checkpoint).name] if several else []) + [allocation, f"{sparsity:.2f}"]
+        cells += [f"{100 * mean(line[k]):.1f}" if k in line else "-" for k in ("pruned", *repairs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    dense = ", ".join(f"{Path(c).name} {100 * a:.2f}" for c, a in _dense_accuracy(rows).items())
+    return f"Top-1 accuracy in % (dense: {dense}).\n\n" + "\n".join(lines) + "\n"
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -423,13 +450,15 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def report(rows: list[dict], output: Path) -> str:
-    """Write the figure as PNG and to TensorBoard (step = number of rows) and return the summary table."""
+    """Write the figure as PNG and to TensorBoard (step = number of rows) and the markdown table, and return
+    the summary table."""
     canvas = FigureCanvasAgg(plot(rows))
     canvas.draw()  # rendered once for both
     image = np.asarray(canvas.buffer_rgba())
     png = io.BytesIO()
     matplotlib.image.imsave(png, image, format="png")
     atomic_write_bytes(output / PLOT, png.getvalue())
+    atomic_write_bytes(output / TABLE, markdown_table(rows).encode())
     table = summary_table(rows)
     with SummaryWriter(str(output / "tensorboard")) as writer:
         writer.add_image("sweep/accuracy_vs_sparsity", image[..., :3], global_step=len(rows), dataformats="HWC")
@@ -470,7 +499,7 @@ def main(args: list[str] | None = None) -> None:
     cells = grid_cells(cli.config_init.grid, model, dm)
     rows = run_sweep(model.network, dm, cells, output, trainer.strategy.root_device, cli.parser.dump(cli.config))
     print(report(rows, output))
-    print(f"\n{len(rows)} cells in {output / RESULTS}; figure {output / PLOT}")
+    print(f"\n{len(rows)} cells in {output / RESULTS}; figure {output / PLOT}; table {output / TABLE}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,28 @@ def test_summary_table_lists_every_allocation_and_repair(grid_sweep):
     assert erk[3:] == expected
 
 
+def test_markdown_table_has_a_line_per_allocation_and_sparsity(grid_sweep):
+    root, _, rows = grid_sweep
+    text = (root / "sweep" / "results.md").read_text()
+    assert text == sweep.markdown_table(rows)
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| allocation | sparsity | pruned | `asr` |"
+    assert lines[1:] == [
+        f"| {r['allocation']} | {r['sparsity']:.2f} | {100 * r['acc_pruned']:.1f} | {100 * r['acc_repaired']:.1f} |"
+        for r in rows
+    ]
+
+
+def test_figure_has_a_panel_per_allocation_and_a_line_per_repair(grid_sweep):
+    _, _, rows = grid_sweep
+    other = [r | {"repair": "default", "acc_repaired": 0.5} for r in rows]
+    fig = sweep.plot(rows + other)
+    assert [ax.get_title().split(": ")[1] for ax in fig.axes] == ["erk", "lamp"]
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["dense"]
+        assert [c.get_label() for c in ax.containers] == ["asr", "default"]  # errorbar containers
+
+
 def test_sweep_cell_equals_a_fit_run(grid_sweep, tmp_path):
     root, checkpoint, rows = grid_sweep
     run_fit(
