@@ -28,4 +28,4 @@ test: $(BIN)/lightning-repair
 	$(BIN)/python -m pytest -q
 
 benchmark: $(BIN)/lightning-repair fashion-mnist
-	$(BIN)/lightning-repair-sweep --config configs/sweep/fashion_mnist_repair_benchmark.yaml
+	$(BIN)/lightning-repair-sweep --config configs/sweep/fashion_mnist_transition.yaml
