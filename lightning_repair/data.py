@@ -47,16 +47,24 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 class TensorImages(Dataset):
-    """Labeled images held in memory as uint8 (N, C, H, W), transformed per sample."""
+    """Labeled images held in memory as uint8 (N, C, H, W). A ``random`` transform (augmentation) runs per
+    sample; a deterministic one once per batch (the DataLoader fetches through ``__getitems__``), the same
+    numbers several times faster: per-sample transforms cost as much as the model's forward pass here."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform, random: bool):
+        self.images, self.labels, self.transform, self.random = images, labels, transform, random
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
         return self.transform(self.images[i]), int(self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        if self.random:
+            return [self[i] for i in indices]
+        images = self.transform(self.images[indices]).as_subclass(torch.Tensor)
+        return list(zip(images, self.labels[indices].tolist(), strict=True))
 
 
 class SyntheticImages(Dataset):
@@ -168,7 +176,8 @@ def build_datasets(
         for split, (img, lab) in FASHION_MNIST_FILES.items():
             images = torch.from_numpy(_read_idx(folder / img).copy()).unsqueeze(1)
             labels = torch.from_numpy(_read_idx(folder / lab).astype(np.int64))
-            splits.append(TensorImages(images, labels, _transforms(info, augment and split == "train")))
+            random = augment and split == "train"
+            splits.append(TensorImages(images, labels, _transforms(info, random), random))
         return splits[0], splits[1], info
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100

@@ -170,6 +170,25 @@ def test_fashion_mnist_idx_round_trip(tmp_path, monkeypatch):
             torch.testing.assert_close(x[0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_batched_fetch_equals_per_sample_transforms(tmp_path, monkeypatch, augment):
+    """The DataLoader fetches through __getitems__: the test split (deterministic transform) is transformed as a
+    batch, bit for bit what per-sample fetching gives; augmented training images keep one random draw each."""
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    _write_fashion_mnist(tmp_path, n_train=64, n_test=7)
+    train, test, _ = build_datasets("fashion_mnist", data_dir=tmp_path, augment=augment)
+    indices = [6, 0, 3]
+    batch = test.__getitems__(indices)
+    for (x, y), i in zip(batch, indices, strict=True):
+        assert type(x) is torch.Tensor and torch.equal(x, test[i][0]) and y == test[i][1]
+    (images, labels), *_ = torch.utils.data.DataLoader(test, batch_size=7)
+    assert torch.equal(images, torch.stack([test[i][0] for i in range(7)]))
+    assert labels.tolist() == [test[i][1] for i in range(7)]
+    torch.manual_seed(0)
+    same = [x for x, _ in train.__getitems__([5] * 8)]  # one image, drawn 8 times
+    assert any(not torch.equal(same[0], x) for x in same[1:]) == augment
+
+
 def test_fashion_mnist_found_in_torchvision_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     raw = tmp_path / "FashionMNIST" / "raw"
