@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -57,16 +57,19 @@ def prune_and_repair(
     evaluate: Evaluate,
     progress: Callable[[Iterable, str], Iterable] | None = None,
     profile: RRProfile | None = None,
+    keep: Mapping[str, int] | None = None,
 ) -> OneShotResult:
     """Prune a copy of ``dense`` to ``sparsity`` and repair it from unlabeled ``calibration`` batches.
 
     ``profile`` is the RR profile of ``dense`` that the RR-guided allocations need (a sweep computes it
-    once for all its cells). ``dense`` is left untouched. Masks are checked after the repair: a pruned
+    once for all its cells); ``keep``, per-layer keep counts already allocated for ``sparsity``, skips the
+    allocation. ``dense`` is left untouched. Masks are checked after the repair: a pruned
     weight that is not exactly zero is an error, never a silently denser model.
     """
     timings: dict[str, float] = {}
-    with timed(timings, "allocation"):
-        keep = allocate(dense, sparsity, allocation, profile=profile)
+    if keep is None:
+        with timed(timings, "allocation"):
+            keep = allocate(dense, sparsity, allocation, profile=profile)
     with timed(timings, "masking"):
         masks = compute_masks(dense, keep)
         model = apply_masks(copy.deepcopy(dense), masks)

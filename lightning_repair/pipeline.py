@@ -104,10 +104,8 @@ class PruneRepairModule(pl.LightningModule):
 
         with timed(timings, "evaluation"):
             acc_dense = test(dense, "evaluate dense")
-        self.profile, at_allocation = self._rr_profile(dense, calibration, timings)
-        result = prune_and_repair(
-            dense, calibration, hp.sparsity, self.allocation, self.recipe, test, progress=bar, profile=self.profile
-        )
+        keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
+        result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep)
         for key, seconds in result.timings.items():
             timings[key] = timings.get(key, 0.0) + seconds
 
@@ -135,23 +133,28 @@ class PruneRepairModule(pl.LightningModule):
         self._write(result.masks)
         trainer.fit_loop.max_epochs = 0  # nothing to train: the fit loop ends at once
 
-    def _rr_profile(
+    def _allocate(
         self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float]
-    ) -> tuple[RRProfile | None, dict[str, dict]]:
-        """The RR profile, and per layer name D_raw, D_res and RR measured at the allocated keep count: in the
-        profile's own pass when the allocation does not depend on it, else in a second pass at one sparsity."""
-        if not self.rr_grid:
-            return None, {}
-        sparsity = self.hparams.sparsity
-        with timed(timings, "rr"):
-            if self.allocation.method in PROFILE_METHODS:
+    ) -> tuple[dict[str, int], RRProfile | None, dict[str, dict]]:
+        """The keep counts, the RR profile (when rr_grid asks for one) and per layer name D_raw, D_res and RR at
+        the allocated keep count: measured in the profile's own pass when the allocation does not depend on the
+        profile, else in a second pass at one sparsity."""
+        sparsity, needs_profile = self.hparams.sparsity, self.allocation.method in PROFILE_METHODS
+        profile = None
+        if needs_profile:
+            with timed(timings, "rr"):
                 profile = rr_profile(dense, calibration, self.rr_grid)
-                keep = allocate(dense, sparsity, self.allocation, profile=profile)
+        with timed(timings, "allocation"):
+            keep = allocate(dense, sparsity, self.allocation, profile=profile)
+        if not self.rr_grid:
+            return keep, None, {}
+        with timed(timings, "rr"):
+            if needs_profile:
                 measured = rr_profile(dense, calibration, grid=(), keep=keep)
             else:
-                keep = allocate(dense, sparsity, self.allocation)
                 profile = measured = rr_profile(dense, calibration, self.rr_grid, keep=keep)
-        return profile, {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
+        at_allocation = {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
+        return keep, profile, at_allocation
 
     def _write(self, masks) -> None:
         res = self.results
