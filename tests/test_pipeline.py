@@ -125,6 +125,23 @@ def test_no_top5_with_five_classes_or_fewer(tmp_path):
     assert all(0 <= acc <= 1 for acc in metrics["accuracy"].values())
 
 
+def test_allocation_runs_once(tmp_path, dense_checkpoint, monkeypatch):
+    """The pipeline's keep counts (also used for the RR diagnostics) are the ones pruned: no second allocation."""
+    from lightning_repair import oneshot, pipeline
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return allocate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "allocate", counted)
+    monkeypatch.setattr(oneshot, "allocate", counted)
+    run_fit(write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint)))
+    assert calls == [0.9]
+    assert read_metrics(tmp_path)["timings_s"]["allocation"] > 0
+
+
 @pytest.mark.parametrize(
     ("checkpoint_kwargs", "listed"),
     [
