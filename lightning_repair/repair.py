@@ -1,21 +1,27 @@
-"""Label-free repair: operators and the progressive engine that applies them.
+"""Label-free repair: operators, recipes, and the progressive engine that runs them (docs/methods.md).
 
-Operators (DESIGN.md section 3) act at *sites* and fold their corrections into the pruned
-model's own parameters, so the result is a plain model with no hooks:
+A recipe is a list of operators that run **in the order written**: operator k sees the model as operators
+< k left it. Each operator acts at its *sites*, in forward order, progressively: a site is corrected from
+activations produced by the already-corrected layers before it. Sites:
 
-- ``bn`` sites are BatchNorm layers. The statistics are those of the BN input in the
-  pruned and the dense network; the BN output moments follow analytically from them and
-  the BN parameters, so several operators can act at one site without another pass.
-- ``block`` sites are residual additions ``r + s`` whose first operand ``r`` is a BN output
-  (torchvision's ``out += identity``). A correction there rescales the residual branch
-  so that the *sum* matches the dense sum; it is folded into that BN's gamma/beta and acts
-  after the add, where no BatchNorm renormalises it.
+- ``bn``: every BatchNorm, from the moments of its input in the pruned and the dense network.
+- ``block``: every residual sum ``r + s`` with a BatchNorm operand (``out += identity``, either order). The whole
+  sum is corrected per channel (gain g > 0, shift b) before the activation that follows it.
+- ``layer``: every prunable Conv2d / Linear (reconstruction), ``classifier``: the last Linear or its input.
 
-The engine traces the model with torch.fx and walks the graph node by node over the
-whole calibration set, for the dense and the pruned model in lockstep, keeping only live
-activations. Each site is corrected from activations produced by the already-corrected
-layers before it (progressive), yet every layer runs once per model: the whole repair
-costs about one dense plus one pruned forward pass, whatever the depth.
+The engine walks the traced graph over the whole calibration set, dense and pruned in lockstep, holding live
+activations only: a walk costs about one dense plus one pruned forward pass, whatever the depth. Consecutive
+operators share a walk when that is exact, i.e. when the later one acts only at the classifier, the last site
+(``default``: BN recalibration + classifier refit, one walk); otherwise each starts a walk of its own.
+
+Every correction is folded into the model's own parameters, so the repaired model is a plain model of the same
+architecture. A ``block`` correction folds into the BN operands of the sum; where the other operand is the
+identity stream, the sum's gain cannot be applied to it without changing its other consumers, so it is carried
+as a pending per-channel scale D (stored activation = true / D) through positively homogeneous nodes (ReLU,
+pooling, flatten, dropout) and folded exactly into the input channels of every Conv2d / Linear that consumes it
+and into the BN operand of the next sum. Operators with ``recalibrate_bn`` also recalibrate every BatchNorm as
+the walk reaches it, before correcting anything after it: the correction is computed on a recalibrated network
+and no later recalibration undoes or repeats it.
 """
 
 from __future__ import annotations
@@ -28,27 +34,42 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from .stats import Moments, accumulate, all_reduce_sum
+from .layers import prunable_layers
+from .reconstruction import layer_statistics, reconstruct_layer
+from .stats import Moments, accumulate
 
 _EPS_VAR = 1e-12  # variances below this count as zero
 _DEAD_RELATIVE = 1e-5  # variance / second moment below this: a constant ("dead") channel
-
+_MIN_STREAM_GAIN = 1e-6  # a gain carried through the identity stream must stay positive
 
 # ----------------------------------------------------------------------------- operators
 
 
 class SiteHooks:
-    """The sites an operator may act at; each hook does nothing unless the operator overrides it."""
+    """What an operator does at each kind of site; the defaults do nothing."""
+
+    recalibrate_bn: bool = False
+
+    @property
+    def sites(self) -> frozenset[str]:
+        return frozenset()
 
     def at_bn(self, bn: nn.Module, bn_dense: nn.Module, m: Moments) -> None:
         return None
 
-    def at_block(self, bn: nn.Module, m: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def block_correction(self, m: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel (g, b) for a residual sum, from the moments of (pruned sum, dense sum)."""
         return None
 
-    def at_classifier(self, linear: nn.Linear, x_p: list[torch.Tensor], z_d: list[torch.Tensor]) -> None:
+    def classifier_input_correction(self, m: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-feature (g, b) for the classifier's input, from the moments of (pruned, dense) features."""
+        return None
+
+    def damping_for(self, is_classifier: bool) -> float | None:
+        """Relative ridge damping if this operator reconstructs the layer (a classifier or not), else None."""
         return None
 
 
@@ -63,45 +84,63 @@ class BNRecalibration(SiteHooks):
 
     op: Literal["bn_recalibration"] = "bn_recalibration"
 
-    def at_bn(self, bn: nn.BatchNorm2d, bn_dense: nn.Module, m: Moments) -> None:
-        n = m.count
-        var = m.cov[0, 0] * (n / (n - 1)) if n > 1 else m.cov[0, 0]  # BN keeps the unbiased variance
-        bn.running_mean.copy_(m.mean[0])
-        bn.running_var.copy_(var.clamp_min(0))
+    @property
+    def sites(self) -> frozenset[str]:
+        return frozenset({"bn"})
+
+    def at_bn(self, bn: nn.Module, bn_dense: nn.Module, m: Moments) -> None:
+        recalibrate(bn, m)
+
+
+def recalibrate(bn: nn.Module, m: Moments) -> None:
+    """Set bn's running statistics to the population statistics of its input (moments of (pruned, dense))."""
+    n = m.count
+    var = m.cov[0, 0] * (n / (n - 1)) if n > 1 else m.cov[0, 0]  # BN keeps the unbiased variance
+    bn.running_mean.copy_(m.mean[0])
+    bn.running_var.copy_(var.clamp_min(0))
+
+
+VM_SITES = ("bn", "block", "classifier_input")
 
 
 @dataclass
 class VarianceMatching(SiteHooks):
-    """Match the pruned network's activation statistics to the dense network's.
+    """Match the pruned network's activation statistics to the dense network's, per channel or per layer.
 
     Args:
-        site: ``bn`` (each BN output) or ``block`` (residual sums, via the branch's BN).
-        granularity: ``layer`` (one gain per layer) or ``channel`` (one gain per channel).
-        estimator: ``vm`` (gain sqrt(var_d / var_p): variances match) or ``ls`` (least-squares
-            gain cov_pd / var_p: the best linear estimate of the dense activation, which
-            shrinks channels whose pruned activation is weakly correlated with the dense one).
-        shrinkage: ``none`` or ``adaptive`` (ASR): each channel gain is pulled toward the
-            layer gain in log space with weight rho_c**2, the share of the pruned channel's
-            variance explained by the dense channel, so channels with a weak post-pruning
-            signal get the layer's correction instead of their own noisy one.
+        site: where the correction acts, one or a list of: ``bn`` (each BN output, folded into gamma/beta: a later
+            BN recalibration does not undo it, but repeats it), ``block`` (each residual sum, before its activation),
+            ``classifier_input`` (the features entering the classifier, folded into its weights and bias).
+        granularity: ``layer`` (one gain per site) or ``channel`` (one gain per channel).
+        estimator: ``vm`` (gain sqrt(var_d / var_p): variances match) or ``ls`` (least-squares gain
+            cov_pd / var_p, which shrinks channels weakly correlated with the dense ones).
+        shrinkage: ``none`` or ``adaptive`` (ASR): each channel gain is pulled toward the site's layer gain in
+            log space with weight rho_c**2, the share of the pruned channel's variance explained by the dense
+            channel, so channels with a weak post-pruning signal get the layer's correction, not their own.
         clip: bounds [lo, hi] for every gain (clipped ASR), or None.
         match_mean: also shift each channel so its mean equals the dense mean.
+        recalibrate_bn: recalibrate every BN as the walk reaches it, so that each correction is computed on the
+            recalibrated network upstream and every BN downstream is recalibrated on the corrected input.
 
     Dead channels get finite gains: zero pruned variance gives gain 1 (nothing to scale;
     with ``match_mean`` the channel is set to the dense mean), zero dense variance gives 0.
     """
 
     op: Literal["variance_matching"] = "variance_matching"
-    site: Literal["bn", "block"] = "bn"
+    site: str | tuple[str, ...] = "bn"
     granularity: Literal["layer", "channel"] = "channel"
     estimator: Literal["vm", "ls"] = "vm"
     shrinkage: Literal["none", "adaptive"] = "none"
     clip: tuple[float, float] | None = None
     match_mean: bool = True
+    recalibrate_bn: bool = False
 
     def __post_init__(self):
-        for name, allowed in (("site", ("bn", "block")), ("granularity", ("layer", "channel")),
-                              ("estimator", ("vm", "ls")), ("shrinkage", ("none", "adaptive"))):  # fmt: skip
+        self.site = (self.site,) if isinstance(self.site, str) else tuple(self.site)
+        if not self.site or any(s not in VM_SITES for s in self.site):
+            raise ValueError(f"variance_matching.site: {list(self.site)!r} must be one or more of {VM_SITES}")
+        for name, allowed in (("granularity", ("layer", "channel")), ("estimator", ("vm", "ls")),
+                              ("shrinkage", ("none", "adaptive"))):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"variance_matching.{name}: {getattr(self, name)!r} is not one of {allowed}")
         if self.clip is not None:
@@ -110,52 +149,49 @@ class VarianceMatching(SiteHooks):
                 raise ValueError(f"variance_matching.clip must satisfy 0 <= lo <= 1 <= hi < inf, got {self.clip}")
         if self.shrinkage == "adaptive" and self.granularity == "layer":
             raise ValueError("variance_matching: adaptive shrinkage needs granularity 'channel'")
+        if not isinstance(self.recalibrate_bn, bool):
+            raise ValueError(f"variance_matching.recalibrate_bn must be true or false, got {self.recalibrate_bn!r}")
+
+    @property
+    def sites(self) -> frozenset[str]:
+        named = {"bn": "bn", "block": "block", "classifier_input": "classifier"}
+        return frozenset({named[s] for s in self.site} | ({"bn"} if self.recalibrate_bn else set()))
 
     def at_bn(self, bn: nn.Module, bn_dense: nn.Module, m: Moments) -> None:
-        if self.site != "bn":
+        if "bn" not in self.site:
             return
         a_p, c_p = _bn_affine(bn)
         a_d, c_d = _bn_affine(bn_dense)
         cov = m.cov
-        var_p, var_d, cov_pd = a_p.square() * cov[0, 0], a_d.square() * cov[1, 1], a_p * a_d * cov[0, 1]
-        if self.estimator == "vm":
-            g_channel, g_layer = _ratio_sqrt(var_d, var_p), _ratio_sqrt(var_d.sum(), var_p.sum())
-        else:
-            g_channel, g_layer = _ratio(cov_pd, var_p), _ratio(cov_pd.sum(), var_p.sum())
-        g, b = self._finish(g_channel, g_layer, _rho2(cov_pd, var_p, var_d), var_p,
-                            a_p * m.mean[0] + c_p, a_d * m.mean[1] + c_d)  # fmt: skip
+        g, b = self.correction(a_p.square() * cov[0, 0], a_d.square() * cov[1, 1], a_p * a_d * cov[0, 1],
+                               a_p * m.mean[0] + c_p, a_d * m.mean[1] + c_d)  # fmt: skip
         fold_affine(bn, g, b)
 
-    def at_block(self, bn: nn.Module, m: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Correct the branch r so that g*r + b + s_p estimates z_d; ``m`` holds moments of (r_p, s_p, z_d).
+    def block_correction(self, m: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._of_moments(m) if "block" in self.site else None
 
-        The branch's target is t = z_d - s_p. ``ls``: g = cov(r, t) / var(r). ``vm``: g is the
-        positive root of var(g r + s_p) = var(z_d), i.e. var_r g^2 + 2 cov_rs g + var_s - var_z = 0.
-        """
-        if self.site != "block":
-            return None
-        cov, mean = m.cov, m.mean
-        var_r, cov_rs, var_s, var_z = cov[0, 0], cov[0, 1], cov[1, 1], cov[2, 2]
-        cov_rt, var_t = cov[0, 2] - cov_rs, var_z - 2 * cov[1, 2] + var_s
-        if self.estimator == "ls":
-            g_channel, g_layer = _ratio(cov_rt, var_r), _ratio(cov_rt.sum(), var_r.sum())
-        else:
-            g_channel = _quadratic_root(var_r, cov_rs, var_s - var_z)
-            g_layer = _quadratic_root(var_r.sum(), cov_rs.sum(), (var_s - var_z).sum())
-        g, b = self._finish(g_channel, g_layer, _rho2(cov_rt, var_r, var_t), var_r, mean[0], mean[2] - mean[1])
-        fold_affine(bn, g, b)
-        return g, b
+    def classifier_input_correction(self, m: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._of_moments(m) if "classifier_input" in self.site else None
 
-    def _finish(self, g_channel, g_layer, rho2, var_p, mean_p, mean_d) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (gain, shift) with ``g * y_p + b`` estimating the target; dead channels get g = 1.
+    def _of_moments(self, m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+        cov = m.cov
+        return self.correction(cov[0, 0], cov[1, 1], cov[0, 1], m.mean[0], m.mean[1])
+
+    def correction(self, var_p, var_d, cov_pd, mean_p, mean_d) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (gain, shift) with ``g * y_p + b`` estimating the dense activation; dead channels get g = 1.
 
         A channel is dead when its variance is indistinguishable from zero at float32 precision
         relative to its second moment (a constant channel, however large its mean).
         """
+        if self.estimator == "vm":
+            g_channel, g_layer = _ratio_sqrt(var_d, var_p), _ratio_sqrt(var_d.sum(), var_p.sum())
+        else:
+            g_channel, g_layer = _ratio(cov_pd, var_p), _ratio(cov_pd.sum(), var_p.sum())
         alive = var_p > _DEAD_RELATIVE * (var_p + mean_p.square()) + _EPS_VAR
         if self.granularity == "layer":
             g = g_layer.expand_as(g_channel)
         elif self.shrinkage == "adaptive":
+            rho2 = _rho2(cov_pd, var_p, var_d)
             w = torch.where(alive & (g_channel > 0), rho2, torch.zeros_like(rho2))
             g = torch.exp(w * g_channel.clamp_min(1e-12).log() + (1 - w) * g_layer.clamp_min(1e-12).log())
         else:
@@ -165,6 +201,73 @@ class VarianceMatching(SiteHooks):
             g = g.clamp(*self.clip)
         b = mean_d - g * mean_p if self.match_mean else torch.zeros_like(g)
         return g, b
+
+
+@dataclass
+class Reconstruct(SiteHooks):
+    """Re-solve every prunable layer's kept weights (and bias) by masked ridge least squares, so that the layer,
+    fed the pruned, already-repaired network's input, reproduces the dense layer's output (reconstruction.py).
+
+    Args:
+        layers: ``all`` prunable layers in forward order, or only the ``classifier``.
+        damping: ridge strength relative to the mean diagonal of the layer's input Gram (0.01 = 1%).
+        recalibrate_bn: recalibrate every BN as the walk reaches it (after the layer before it is reconstructed).
+        mask: ``magnitude`` keeps the masks as given; ``wanda`` (|w| * ||x_j||) and ``obs`` (w^2 / [H^-1]_jj)
+            re-select each layer's mask from the dense weights and the Gram of its repaired input, keeping the
+            allocation's count per layer.
+    """
+
+    op: Literal["reconstruct"] = "reconstruct"
+    layers: Literal["all", "classifier"] = "all"
+    damping: float = 0.01
+    recalibrate_bn: bool = True
+    mask: Literal["magnitude", "wanda", "obs"] = "magnitude"
+
+    def __post_init__(self):
+        _check_damping("reconstruct.damping", self.damping)
+        if self.layers not in ("all", "classifier"):
+            raise ValueError(f"reconstruct.layers: {self.layers!r} is not one of ('all', 'classifier')")
+        if self.mask not in ("magnitude", "wanda", "obs"):
+            raise ValueError(f"reconstruct.mask: {self.mask!r} is not one of ('magnitude', 'wanda', 'obs')")
+        if not isinstance(self.recalibrate_bn, bool):
+            raise ValueError(f"reconstruct.recalibrate_bn must be true or false, got {self.recalibrate_bn!r}")
+
+    @property
+    def sites(self) -> frozenset[str]:
+        return frozenset({"classifier"} | ({"layer"} if self.layers == "all" else set())
+                         | ({"bn"} if self.recalibrate_bn else set()))  # fmt: skip
+
+    def damping_for(self, is_classifier: bool) -> float | None:
+        return self.damping if self.layers == "all" or is_classifier else None
+
+
+@dataclass
+class ClassifierRefit(SiteHooks):
+    """Refit the classifier's kept weights and bias by ridge least squares to the dense logits: the label-free,
+    closed-form analogue of re-training the last layer (the classifier case of ``reconstruct``).
+
+    Args:
+        ridge: ridge strength relative to the mean feature energy (0 = plain least squares, made well posed
+            by a 1e-9 floor).
+    """
+
+    op: Literal["classifier_refit"] = "classifier_refit"
+    ridge: float = 1e-3
+
+    def __post_init__(self):
+        _check_damping("classifier_refit.ridge", self.ridge)
+
+    @property
+    def sites(self) -> frozenset[str]:
+        return frozenset({"classifier"})
+
+    def damping_for(self, is_classifier: bool) -> float | None:
+        return self.ridge if is_classifier else None
+
+
+def _check_damping(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -180,12 +283,6 @@ def _rho2(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor) -> torch.
     """Squared correlation, 0 where either variance vanishes."""
     den = var_a * var_b
     return torch.where(den > _EPS_VAR**2, cov.square() / den.clamp_min(_EPS_VAR**2), torch.zeros_like(cov)).clamp(0, 1)
-
-
-def _quadratic_root(a: torch.Tensor, half_b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Largest root of a g^2 + 2 half_b g + c = 0, clamped to >= 0 (0 when no real root is positive)."""
-    disc = (half_b.square() - a * c).clamp_min(0)
-    return _ratio(-half_b + disc.sqrt(), a)
 
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,76 +305,35 @@ def fold_affine(bn: nn.Module, g: torch.Tensor, b: torch.Tensor) -> None:
     bn.weight.copy_((g * bn.weight.double()).to(bn.weight.dtype))
 
 
-@dataclass
-class ClassifierRefit(SiteHooks):
-    """Refit the classifier's kept weights and bias by ridge least squares, so that the pruned network's
-    logits best match the dense network's logits on the calibration images.
-
-    The label-free, closed-form analogue of re-training the last layer: the targets are the dense
-    logits, never labels. Each output row is fitted on its kept inputs only, so pruned weights stay
-    exactly zero. Sufficient statistics (the Gram matrix of [features, 1] and its cross-product with
-    the dense logits) are summed across processes.
-
-    Args:
-        ridge: ridge strength relative to the mean feature energy; it keeps rows whose kept features
-            are nearly collinear or constant well-posed (0 = plain least squares).
-    """
-
-    op: Literal["classifier_refit"] = "classifier_refit"
-    ridge: float = 1e-3
-
-    def __post_init__(self):
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < math.inf:
-            raise ValueError(f"classifier_refit.ridge must be a finite number >= 0, got {self.ridge!r}")
-
-    def at_classifier(self, linear: nn.Linear, x_p: list[torch.Tensor], z_d: list[torch.Tensor]) -> None:
-        d, bias = linear.in_features, linear.bias is not None
-        rows = [torch.cat([x.reshape(-1, d), x.new_ones(x.numel() // d, 1)], 1) if bias else x.reshape(-1, d)
-                for x in x_p]  # fmt: skip
-        targets = [z.reshape(len(r), -1).double() for r, z in zip(rows, z_d, strict=True)]
-        gram = all_reduce_sum(sum(r.double().T @ r.double() for r in rows))
-        cross = all_reduce_sum(sum(r.double().T @ z for r, z in zip(rows, targets, strict=True)))
-        if not (torch.isfinite(gram).all() and torch.isfinite(cross).all()):
-            raise FloatingPointError("non-finite activations at the classifier input: check the checkpoint and data")
-        scale = gram.diagonal()[:d].mean().clamp_min(1e-12)
-        penalty = torch.full((len(gram),), max(self.ridge, 1e-9) * float(scale), dtype=gram.dtype, device=gram.device)
-        if bias:
-            penalty[d] = 1e-9 * float(scale)  # the intercept is (almost) not shrunk
-        kept = linear.weight != 0
-        weight = torch.zeros_like(linear.weight, dtype=torch.float64)
-        for j in range(linear.out_features):
-            idx = kept[j].nonzero().flatten()
-            if bias:
-                idx = torch.cat([idx, idx.new_tensor([d])])
-            a = gram[idx][:, idx] + torch.diag(penalty[idx])
-            solution = torch.linalg.solve(a, cross[idx, j])
-            if bias:
-                linear.bias[j] = solution[-1].to(linear.bias.dtype)
-                solution, idx = solution[:-1], idx[:-1]
-            weight[j, idx] = solution
-        linear.weight.copy_(weight.to(linear.weight.dtype))
-
-
 # ----------------------------------------------------------------------------- recipes
 
-Operator = BNRecalibration | VarianceMatching | ClassifierRefit
+Operator = BNRecalibration | VarianceMatching | Reconstruct | ClassifierRefit
 OPERATORS: dict[str, type] = {
     "bn_recalibration": BNRecalibration,
     "variance_matching": VarianceMatching,
+    "reconstruct": Reconstruct,
     "classifier_refit": ClassifierRefit,
 }
 
+_SEED_SITES = ["block", "classifier_input"]  # where no later BN renormalises: residual sums, classifier input
 PRESETS: dict[str, list[dict]] = {
     "none": [],
     "bn_recalibration": [{"op": "bn_recalibration"}],
-    "layer_vm": [{"op": "variance_matching", "granularity": "layer", "match_mean": False}],
-    "asr": [{"op": "variance_matching", "granularity": "channel", "shrinkage": "adaptive"}],
-    "clipped_asr": [
-        {"op": "variance_matching", "granularity": "channel", "shrinkage": "adaptive", "clip": [0.5, 2.0]}
-    ],  # fmt: skip
-    # the best recipe on the Fashion-MNIST benchmark (README): BN recalibration, then the classifier refitted
-    # in closed form to the dense logits; the variants tried are in configs/sweep/fashion_mnist_repair_variants.yaml
+    # the seeds' backend (layer-wise repair, ASR): corrections where BN recalibration cannot undo them, with every
+    # BN recalibrated on the fly (the correction comes before the recalibration of everything downstream of it)
+    "layer_repair": [{"op": "variance_matching", "site": _SEED_SITES, "granularity": "layer", "recalibrate_bn": True}],
+    "asr": [{"op": "variance_matching", "site": _SEED_SITES, "shrinkage": "adaptive", "recalibrate_bn": True}],
+    "clipped_asr": [{"op": "variance_matching", "site": _SEED_SITES, "shrinkage": "adaptive", "clip": [0.5, 2.0],
+                     "recalibrate_bn": True}],  # fmt: skip
+    # our own variants at BN outputs, without recalibration (the presets of earlier versions under honest names)
+    "bn_output_layer_vm": [{"op": "variance_matching", "granularity": "layer", "match_mean": False}],
+    "bn_output_asr": [{"op": "variance_matching", "shrinkage": "adaptive"}],
+    "asr_refit": [{"op": "variance_matching", "site": _SEED_SITES, "shrinkage": "adaptive", "recalibrate_bn": True},
+                  {"op": "classifier_refit"}],  # fmt: skip
+    # BN recalibration, then the classifier refitted in closed form to the dense logits (one walk)
     "default": [{"op": "bn_recalibration"}, {"op": "classifier_refit"}],
+    # every prunable layer re-solved to the dense outputs, BNs recalibrated on the fly (one walk)
+    "reconstruct": [{"op": "reconstruct"}],
 }
 
 
@@ -308,7 +364,19 @@ def parse_recipe(recipe: str | Sequence[dict | Operator]) -> list[Operator]:
 
 
 def describe(ops: Iterable[Operator]) -> list[dict]:
-    return [asdict(op) for op in ops]
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(op).items()} for op in ops]
+
+
+def plan_walks(ops: Sequence[Operator]) -> list[list[Operator]]:
+    """The walks that run ``ops`` in the order written: an operator acting only at the classifier (the last site)
+    joins the walk before it, which is exact; any other operator starts a walk."""
+    walks: list[list[Operator]] = []
+    for op in ops:
+        if walks and op.sites <= {"classifier"}:
+            walks[-1].append(op)
+        else:
+            walks.append([op])
+    return walks
 
 
 # ----------------------------------------------------------------------------- engine
@@ -316,20 +384,27 @@ def describe(ops: Iterable[Operator]) -> list[dict]:
 
 @dataclass
 class RepairReport:
-    """What the engine did, per site (for histograms): the sites, the gains of block-site operators, and at each
-    BN site the per-channel variance ratio pruned/dense of the BN output, with every upstream site already
-    repaired, before and after this site's operators (before = the ratio of the BN inputs, as the pruned BN
-    still holds the dense parameters there)."""
+    """What the engine did: the walks (operator names), the sites, the gains of block/classifier-input corrections,
+    and at each BN site the per-channel variance ratio pruned/dense of the BN output, with every upstream site
+    already repaired, before and after this site's operators (before = the ratio of the BN inputs, as the pruned
+    BN still holds the dense parameters there); ``masks`` when an operator re-selected them."""
 
+    walks: list[list[str]] = field(default_factory=list)
     bn_sites: list[str] = field(default_factory=list)
     block_sites: list[str] = field(default_factory=list)
+    layer_sites: list[str] = field(default_factory=list)
     gains: dict[str, torch.Tensor] = field(default_factory=dict)
     variance_ratio: dict[str, torch.Tensor] = field(default_factory=dict)
     variance_ratio_after: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] | None = None
 
 
 class UntraceableModelError(TypeError):
     """The model cannot be traced by torch.fx, so the repair engine cannot walk it."""
+
+
+class UnfoldableCorrectionError(ValueError):
+    """A correction cannot be folded into the model's parameters at this node."""
 
 
 def trace(model: nn.Module) -> fx.Graph:
@@ -342,16 +417,14 @@ def trace(model: nn.Module) -> fx.Graph:
         ) from err
 
 
-def _residual_bn(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """The BN node feeding a residual add as its first operand, if ``node`` is such an add."""
-    if node.op != "call_function" or node.target not in (operator.add, operator.iadd, torch.add):
-        return None
-    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
-        return None
-    first = node.args[0]
-    if first.op == "call_module" and isinstance(modules.get(first.target), nn.modules.batchnorm._BatchNorm):
-        return first
-    return None
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+_ADD = (operator.add, operator.iadd, torch.add)
+# nodes that commute with a positive per-channel scale (channel dim 1 kept, or flattened channel-major)
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                        nn.Flatten, nn.Dropout, nn.Identity)  # fmt: skip
+_HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                          F.adaptive_max_pool2d, F.dropout)  # fmt: skip
+_HOMOGENEOUS_METHODS = ("relu", "relu_", "flatten")
 
 
 @torch.no_grad()
@@ -361,17 +434,19 @@ def repair(
     batches: Iterable[torch.Tensor],
     recipe: str | Sequence[dict | Operator],
     progress: Callable[[Iterable], Iterable] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> RepairReport:
     """Repair ``pruned`` in place from unlabeled ``batches``, using ``dense`` as the target.
 
-    ``pruned`` and ``dense`` share an architecture; ``dense`` is not modified. Both run in eval
-    mode (dropout off). ``progress`` wraps the node loop (e.g. tqdm) when given.
+    ``pruned`` and ``dense`` share an architecture; ``dense`` and ``batches`` are not modified. Both models run
+    in eval mode (dropout off). ``masks`` (per prunable layer name) are the weights reconstruction may use; by
+    default every non-zero weight. ``progress`` wraps each walk's node loop (e.g. tqdm) when given.
     """
     ops = parse_recipe(recipe)
     report = RepairReport()
     if not ops:
         return report
-    batches = [b for b in batches]
+    batches = list(batches)
     if not batches:
         raise ValueError("repair needs calibration data: the calibration loader yielded no batch")
     if any(not isinstance(b, torch.Tensor) for b in batches):
@@ -380,61 +455,209 @@ def repair(
     others = sorted({str(b.dtype) for b in batches if b.dtype != dtype})
     if others:
         raise TypeError(f"calibration batches have dtype {', '.join(others)}, the model {dtype}: cast one to the other")
+    if masks is None:
+        masks = {layer.name: layer.module.weight != 0 for layer in prunable_layers(pruned)}
+    masks = {name: mask.to(torch.bool) for name, mask in masks.items()}
     modes = (pruned.training, dense.training)
     pruned.eval(), dense.eval()
-    graph = trace(pruned)
-    mods_p, mods_d = dict(pruned.named_modules()), dict(dense.named_modules())
-    nodes = list(graph.nodes)
-    linears = [n.target for n in nodes if n.op == "call_module" and isinstance(mods_p[n.target], nn.Linear)]
-    classifier = linears[-1] if linears else None  # the last Linear, as in layers.prunable_layers
-    last_use = {inp: i for i, node in enumerate(nodes) for inp in node.all_input_nodes}
-    env_p: dict[fx.Node, list] = {}
-    env_d: dict[fx.Node, list] = {}
     try:
-        for index, node in enumerate(progress(nodes) if progress else nodes):
-            if node.op == "placeholder":
-                env_p[node], env_d[node] = [b.clone() for b in batches], list(batches)  # no shared storage
-                continue
-            if node.op == "output":
-                break
-            module_p = mods_p.get(node.target) if node.op == "call_module" else None
-            if isinstance(module_p, nn.modules.batchnorm._BatchNorm):
-                x_p, x_d = env_p[node.args[0]], env_d[node.args[0]]
-                m = accumulate(list(zip(x_p, x_d, strict=True))).check_finite(f"BN input of {node.target}")
-                ratio = m.cov[0, 0] / m.cov[1, 1].clamp_min(_EPS_VAR)
-                for op in ops:
-                    op.at_bn(module_p, mods_d[node.target], m)
-                report.bn_sites.append(node.target)
-                report.variance_ratio[node.target] = ratio.float().cpu()
-                if module_p.running_var is not None:  # eval-mode BN is a * x + c per channel
-                    a_p, a_d = (_bn_affine(bn)[0].to(ratio) for bn in (module_p, mods_d[node.target]))
-                    after = ratio * a_p.square() / a_d.square().clamp_min(_EPS_VAR)
-                    report.variance_ratio_after[node.target] = after.float().cpu()
-            bn_node = _residual_bn(node, mods_p)
-            if bn_node is not None and any(getattr(op, "site", None) == "block" for op in ops):
-                r_p, s_p = env_p[node.args[0]], env_p[node.args[1]]
-                z_d = [r + s for r, s in zip(env_d[node.args[0]], env_d[node.args[1]], strict=True)]
-                m = accumulate(list(zip(r_p, s_p, z_d, strict=True))).check_finite(f"residual sum {node.name}")
-                bn = mods_p[bn_node.target]
-                for op in ops:
-                    gb = op.at_block(bn, m)
-                    if gb is not None:  # the branch's BN changed: update its cached output exactly
-                        g, b = (t.to(r_p[0].dtype) for t in gb)
-                        shape = (1, -1) + (1,) * (r_p[0].dim() - 2)
-                        env_p[node.args[0]] = r_p = [r * g.view(shape) + b.view(shape) for r in r_p]
-                        report.gains[f"{bn_node.target}@block"] = g.float().cpu()
-                report.block_sites.append(node.name)
-            env_d[node] = _run(node, env_d, mods_d, len(batches))
-            if node.op == "call_module" and node.target == classifier:
-                for op in ops:
-                    op.at_classifier(module_p, env_p[node.args[0]], env_d[node])
-            env_p[node] = _run(node, env_p, mods_p, len(batches))
-            for inp in node.all_input_nodes:  # free activations nobody needs any more
-                if last_use[inp] <= index:
-                    env_p.pop(inp, None), env_d.pop(inp, None)
+        for walk in plan_walks(ops):
+            _Walk(pruned, dense, batches, walk, masks, report).run(progress)
     finally:
         pruned.train(modes[0]), dense.train(modes[1])
+    if any(getattr(op, "mask", "magnitude") != "magnitude" for op in ops):
+        report.masks = masks
     return report
+
+
+class _Walk:
+    """One progressive pass of a group of operators over the traced graph (see the module docstring)."""
+
+    def __init__(self, pruned, dense, batches, ops, masks, report):
+        self.ops, self.masks, self.report, self.batches = ops, masks, report, batches
+        self.graph = trace(pruned)
+        self.mods_p, self.mods_d = dict(pruned.named_modules()), dict(dense.named_modules())
+        self.nodes = list(self.graph.nodes)
+        linears = [n.target for n in self.nodes if n.op == "call_module" and isinstance(self.mods_p[n.target], nn.Linear)]
+        self.classifier = linears[-1] if linears else None  # the last Linear, as in layers.prunable_layers
+        self.recalibrate = any(op.recalibrate_bn for op in ops)
+        self.env_p: dict[fx.Node, list] = {}
+        self.env_d: dict[fx.Node, list] = {}
+        self.scale: dict[fx.Node, torch.Tensor] = {}  # pending per-channel scale: true activation = scale * stored
+        report.walks.append([op.op for op in ops])
+
+    def run(self, progress) -> None:
+        last_use = {inp: i for i, node in enumerate(self.nodes) for inp in node.all_input_nodes}
+        for index, node in enumerate(progress(self.nodes) if progress else self.nodes):
+            if node.op == "placeholder":  # clones: an in-place first op must not touch the caller's batches
+                self.env_p[node], self.env_d[node] = [b.clone() for b in self.batches], [b.clone() for b in self.batches]
+                continue
+            if node.op == "output":
+                pending = [a for a in node.all_input_nodes if a in self.scale]
+                if pending:
+                    raise UnfoldableCorrectionError(f"a stream correction reaches the model output through {pending}")
+                break
+            module = self.mods_p.get(node.target) if node.op == "call_module" else None
+            self._fold_pending(node, module)
+            if isinstance(module, _BATCHNORM):
+                self._at_bn(node, module)
+            if self._is_block(node) and any("block" in op.sites for op in self.ops):
+                self._at_block(node)
+            self.env_d[node] = _run(node, self.env_d, self.mods_d, len(self.batches))
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                self._at_layer(node, module)
+            self.env_p[node] = _run(node, self.env_p, self.mods_p, len(self.batches))
+            for inp in node.all_input_nodes:  # free activations nobody needs any more
+                if last_use[inp] <= index:
+                    self.env_p.pop(inp, None), self.env_d.pop(inp, None)
+
+    # -- pending scales of the identity stream
+
+    def _fold_pending(self, node: fx.Node, module: nn.Module | None) -> None:
+        """Carry a pending scale through ``node`` or fold it into the layer it reaches."""
+        pending = [a for a in node.all_input_nodes if a in self.scale]
+        if not pending or self._is_block(node):
+            return
+        if len(pending) > 1:
+            raise UnfoldableCorrectionError(f"node {node.name} combines several rescaled streams {pending}")
+        (source,) = pending
+        d = self.scale[source]
+        if _is_homogeneous(node, module) and len(node.all_input_nodes) == 1:
+            self.scale[node] = d
+        elif isinstance(module, nn.Conv2d) and node.args[0] is source:
+            w = module.weight
+            per_group = w.shape[1]
+            d = d.view(module.groups, 1, per_group).expand(module.groups, w.shape[0] // module.groups, per_group)
+            w.mul_(d.reshape(w.shape[0], per_group, 1, 1).to(w.dtype))
+        elif isinstance(module, nn.Linear) and node.args[0] is source and module.in_features % d.numel() == 0:
+            module.weight.mul_(d.repeat_interleave(module.in_features // d.numel()).to(module.weight.dtype))
+        else:
+            raise UnfoldableCorrectionError(
+                f"a residual-sum correction cannot be folded through node {node.name} ({node.op} {node.target}): "
+                "use variance_matching site bn or classifier_input for this model"
+            )
+
+    def _is_block(self, node: fx.Node) -> bool:
+        """A residual sum: two tensor operands, at least one a BN output used nowhere else."""
+        if node.op != "call_function" or node.target not in _ADD or len(node.args) != 2:
+            return False
+        return all(isinstance(a, fx.Node) for a in node.args) and any(self._bn_operand(a) for a in node.args)
+
+    def _bn_operand(self, a: fx.Node) -> bool:
+        return a.op == "call_module" and isinstance(self.mods_p[a.target], _BATCHNORM) and len(a.users) == 1
+
+    # -- sites
+
+    def _at_bn(self, node: fx.Node, bn: nn.Module) -> None:
+        name = node.target
+        if any("bn" in op.sites for op in self.ops) and bn.running_var is None:
+            raise ValueError(f"BatchNorm {name} tracks no running statistics (track_running_stats=False): "
+                             f"{', '.join(op.op for op in self.ops)} cannot act on it")  # fmt: skip
+        x_p, x_d = self.env_p[node.args[0]], self.env_d[node.args[0]]
+        m = accumulate(list(zip(x_p, x_d, strict=True))).check_finite(f"BN input of {name}")
+        ratio = m.cov[0, 0] / m.cov[1, 1].clamp_min(_EPS_VAR)
+        if self.recalibrate:
+            recalibrate(bn, m)
+        for op in self.ops:
+            op.at_bn(bn, self.mods_d[name], m)
+        if name not in self.report.bn_sites:
+            self.report.bn_sites.append(name)
+        self.report.variance_ratio[name] = ratio.float().cpu()
+        if bn.running_var is not None:  # eval-mode BN is a * x + c per channel
+            a_p, a_d = (_bn_affine(b)[0].to(ratio) for b in (bn, self.mods_d[name]))
+            self.report.variance_ratio_after[name] = (ratio * a_p.square() / a_d.square().clamp_min(_EPS_VAR)).float().cpu()
+
+    def _at_block(self, node: fx.Node) -> None:
+        """Correct the whole sum per channel; fold into its BN operand(s), carrying the identity's share as a scale."""
+        operands = list(node.args)
+        streams = [a for a in operands if not self._bn_operand(a)]
+        if len(streams) > 1 or (len(operands) == 2 and operands[0] is operands[1]):
+            raise UnfoldableCorrectionError(f"residual sum {node.name}: no BatchNorm operand to fold a correction into")
+        z_d = [a + b for a, b in zip(self.env_d[operands[0]], self.env_d[operands[1]], strict=True)]
+        shape = (1, -1) + (1,) * (z_d[0].dim() - 2)
+        channels = z_d[0].shape[1]
+        ones = torch.ones(channels, dtype=torch.float64, device=z_d[0].device)
+        scales = {a: self.scale.get(a, ones) for a in operands}  # true operand = scale * stored
+        for op in self.ops:
+            true = [sum(self.env_p[a][i] * scales[a].view(shape).to(z_d[0].dtype) for a in operands)
+                    for i in range(len(z_d))]  # fmt: skip
+            m = accumulate(list(zip(true, z_d, strict=True))).check_finite(f"residual sum {node.name}")
+            correction = op.block_correction(m)
+            if correction is None:
+                continue
+            g, b = correction
+            if streams:  # the stream cannot be rescaled: the sum keeps its scale, times g, as pending
+                g = g.clamp_min(_MIN_STREAM_GAIN)
+                out = g * scales[streams[0]]
+            else:
+                out = ones
+            for i, a in enumerate(a for a in operands if a not in streams):
+                factor, shift = g * scales[a] / out, (b if i == 0 else torch.zeros_like(b)) / out
+                fold_affine(self.mods_p[a.target], factor, shift)
+                self.env_p[a] = [t * factor.view(shape).to(t.dtype) + shift.view(shape).to(t.dtype) for t in self.env_p[a]]
+            scales = {a: out for a in operands}
+            self.report.gains[node.name] = g.float().cpu()
+        if node.name not in self.report.block_sites:
+            self.report.block_sites.append(node.name)
+        out = scales[operands[0]]
+        if not torch.equal(out, ones):
+            self.scale[node] = out
+
+    def _at_layer(self, node: fx.Node, module: nn.Conv2d | nn.Linear) -> None:
+        name, is_classifier = node.target, node.target == self.classifier
+        for op in self.ops:
+            if is_classifier:
+                self._correct_classifier_input(node, module, op)
+            damping = op.damping_for(is_classifier)
+            if damping is None or name not in self.masks:
+                continue
+            stats = layer_statistics(module, self.env_p[node.args[0]], self.env_d[node])
+            if getattr(op, "mask", "magnitude") != "magnitude":
+                self.masks[name] = _select_mask(op.mask, self.mods_d[name].weight, stats, self.masks[name], damping)
+            reconstruct_layer(module, stats, self.masks[name], damping, name)
+            if name not in self.report.layer_sites:
+                self.report.layer_sites.append(name)
+
+    def _correct_classifier_input(self, node: fx.Node, linear: nn.Linear, op: SiteHooks) -> None:
+        if "classifier" not in op.sites or op.damping_for(True) is not None:  # no input correction: skip the moments
+            return
+        x_p, x_d = self.env_p[node.args[0]], self.env_d[node.args[0]]
+        m = accumulate([(p.reshape(len(p), -1), d.reshape(len(d), -1)) for p, d in zip(x_p, x_d, strict=True)])
+        correction = op.classifier_input_correction(m.check_finite(f"input of {node.target}"))
+        if correction is None:
+            return
+        g, b = (t.to(linear.weight.dtype) for t in correction)
+        if linear.bias is None and bool((b != 0).any()):
+            raise UnfoldableCorrectionError(f"{node.target} has no bias to absorb a classifier-input shift")
+        if linear.bias is not None:
+            linear.bias.add_(linear.weight @ b)
+        linear.weight.mul_(g)
+        self.report.gains[f"{node.target}@input"] = g.float().cpu()
+
+
+def _is_homogeneous(node: fx.Node, module: nn.Module | None) -> bool:
+    if node.op == "call_module":
+        return isinstance(module, _HOMOGENEOUS_MODULES)
+    if node.op == "call_function":
+        return node.target in _HOMOGENEOUS_FUNCTIONS
+    return node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS
+
+
+def _select_mask(rule: str, dense_weight: torch.Tensor, stats, mask: torch.Tensor, damping: float) -> torch.Tensor:
+    """The layer's mask re-selected by ``rule`` from the Gram of its input, keeping its count (ties by position)."""
+    groups, k = stats.gram.shape[:2]
+    w = dense_weight.detach().double().reshape(groups, -1, k)
+    diagonal = stats.gram.diagonal(dim1=1, dim2=2)  # (groups, K)
+    if rule == "wanda":
+        score = w.abs() * diagonal.clamp_min(0).sqrt()[:, None, :]
+    else:  # OBS saliency with the damped Gram
+        lam = damping * diagonal.mean(1, keepdim=True).clamp_min(1e-12)
+        damped = stats.gram + torch.diag_embed(lam.expand(groups, k))
+        score = w.square() / torch.linalg.inv(damped).diagonal(dim1=1, dim2=2)[:, None, :]
+    order = torch.sort(score.flatten(), descending=True, stable=True).indices
+    chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    chosen[order[: int(mask.sum())]] = True
+    return chosen.view(mask.shape).to(mask.device)
 
 
 def _run(node: fx.Node, env: dict[fx.Node, list], modules: dict[str, nn.Module], n_chunks: int) -> list:

@@ -16,77 +16,136 @@ from lightning_repair.stats import accumulate
 from helpers import calibrated_dense, pruned_copy
 
 
-def sequential_reference(pruned: nn.Module, dense: nn.Module, batches, recipe) -> None:
-    """One full forward pass per site, with hooks: the slow, obviously progressive reference.
-
-    Written for torchvision-style ResNets (BasicBlock): BN sites in execution order, and a
-    block site after each block's bn2 + shortcut.
-    """
-    ops = parse_recipe(recipe)
-    order = [("bn", n) for n, m in pruned.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    for name, m in pruned.named_modules():
-        if hasattr(m, "conv2") and hasattr(m, "bn2"):  # the add runs after the block's last BN
-            last = max(i for i, (_, n) in enumerate(order) if n.startswith(name + "."))
-            order.insert(last + 1, ("block", name))
-    order.append(("classifier", "fc"))
-
-    def capture(model, kind, name):
-        store, handles = [], []
-        if kind == "bn":
-            bn = model.get_submodule(name)
-            handles.append(bn.register_forward_pre_hook(lambda mod, inp: store.append(inp[0].clone())))
-        elif kind == "classifier":  # (input, output) of the classifier
-            hook = lambda mod, inp, out: store.append((inp[0].clone(), out.clone()))  # noqa: E731
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
-        else:
-            block = model.get_submodule(name)
-            entry = {}
-            handles.append(block.register_forward_pre_hook(lambda mod, inp: entry.__setitem__("x", inp[0].clone())))
-            handles.append(block.bn2.register_forward_hook(lambda mod, inp, out: entry.__setitem__("r", out.clone())))
-            if block.downsample is not None:
-                hook = lambda mod, inp, out: entry.__setitem__("x", out.clone())  # noqa: E731
-                handles.append(block.downsample.register_forward_hook(hook))
-            handles.append(block.register_forward_hook(lambda mod, inp, out: store.append(dict(entry))))
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-        for h in handles:
-            h.remove()
-        return store
-
-    with torch.no_grad():
-        for kind, name in order:
-            p, d = capture(pruned, kind, name), capture(dense, kind, name)
-            if kind == "classifier":
-                for op in ops:
-                    op.at_classifier(pruned.fc, [x for x, _ in p], [z for _, z in d])
-            elif kind == "bn":
-                m = accumulate(list(zip(p, d, strict=True)))
-                for op in ops:
-                    op.at_bn(pruned.get_submodule(name), dense.get_submodule(name), m)
-            elif any(getattr(op, "site", None) == "block" for op in ops):
-                m = accumulate([(ep["r"], ep["x"], ed["r"] + ed["x"]) for ep, ed in zip(p, d, strict=True)])
-                for op in ops:
-                    op.at_block(pruned.get_submodule(name).bn2, m)
-
-
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])
-def test_progressive_engine_equals_sequential_reference(dense, batches, preset):
-    fast, _ = pruned_copy(dense)
-    slow = copy.deepcopy(fast)
-    repair(fast, dense, batches, preset)
-    sequential_reference(slow, dense, batches, preset)
-    a, b = _params(fast), _params(slow)
-    changed = 0
-    for k in a:
-        scale = b[k].abs().max().clamp_min(1e-6)
-        assert (a[k] - b[k]).abs().max() / scale < 1e-4, k
-        changed += not torch.equal(a[k], _params(pruned_copy(dense)[0])[k])
-    assert changed > 0  # the preset did something
+def _stream_reference(pruned: nn.Module, dense: nn.Module, batches, vm: VarianceMatching) -> nn.Module:
+    """The block correction applied with hooks instead of folded, one block at a time with full forward passes:
+    the slow, obviously progressive reference. Each block's sum r + s becomes g * (r + s) + b, with (g, b) from
+    hand-written moments of the (already corrected) pruned sum and the dense sum."""
+
+    def sums(model) -> list[torch.Tensor]:
+        return [torch.cat(parts) for parts in zip(*[_block_sums(model, b) for b in batches], strict=True)]
+
+    blocks = [m for m in pruned.modules() if hasattr(m, "bn2") and hasattr(m, "conv2")]
+    dense_sums = sums(dense)
+    for i, block in enumerate(blocks):
+        z_p, z_d = sums(pruned)[i].double(), dense_sums[i].double()
+        flat_p, flat_d = z_p.transpose(0, 1).flatten(1), z_d.transpose(0, 1).flatten(1)
+        mean_p, mean_d = flat_p.mean(1), flat_d.mean(1)
+        var_p, var_d = flat_p.var(1, unbiased=False), flat_d.var(1, unbiased=False)
+        cov = ((flat_p - mean_p[:, None]) * (flat_d - mean_d[:, None])).mean(1)
+        g, b = vm.correction(var_p, var_d, cov, mean_p, mean_d)
+        _correct_block_sum(block, g.float(), b.float())
+    return pruned
+
+
+def _block_sums(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every BasicBlock's pre-activation sum r + s (after any correction hook), in forward order."""
+    store, handles = [], []
+    for m in model.modules():
+        if hasattr(m, "bn2") and hasattr(m, "conv2"):
+            handles += _shortcut_hooks(m, lambda r, s: store.append(r + s))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return store
+
+
+def _shortcut_hooks(block: nn.Module, at_sum) -> list:
+    """Hooks that call ``at_sum(r, s)`` with bn2's output r and the shortcut s once the block has run; its result,
+    if any, replaces the block's output relu(r + s)."""
+    entry = {}
+    handles = [block.register_forward_pre_hook(lambda mod, inp: entry.__setitem__("s", inp[0].clone()))]
+    if block.downsample is not None:
+        handles.append(block.downsample.register_forward_hook(lambda mod, inp, out: entry.__setitem__("s", out.clone())))
+    handles.append(block.bn2.register_forward_hook(lambda mod, inp, out: entry.__setitem__("r", out.clone())))
+    handles.append(block.register_forward_hook(lambda mod, inp, out: at_sum(entry["r"], entry["s"])))
+    return handles
+
+
+def _correct_block_sum(block: nn.Module, g: torch.Tensor, b: torch.Tensor) -> None:
+    """Hooks making the block's output relu(g * (r + s) + b)."""
+    g, b = g.view(1, -1, 1, 1), b.view(1, -1, 1, 1)
+    _shortcut_hooks(block, lambda r, s: torch.relu(g * (r + s) + b))
+
+
+@pytest.mark.parametrize("shrinkage", ["none", "adaptive"])
+def test_folded_block_correction_equals_hooked_reference(dense, batches, shrinkage):
+    """The engine folds each residual-sum correction into BN parameters and, through the identity stream, into
+    the next layers' input channels; the reference applies the same corrections with hooks."""
+    vm = VarianceMatching(site="block", shrinkage=shrinkage)
+    folded, _ = pruned_copy(dense, 0.9)
+    hooked = _stream_reference(copy.deepcopy(folded), dense, batches, vm)
+    report = repair(folded, dense, batches, [vm])
+    assert len(report.block_sites) == 8 and report.walks == [["variance_matching"]]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        ours, ref = folded(x), hooked(x)
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-4
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in folded.modules())
+    assert any(not torch.allclose(g, torch.ones_like(g), atol=1e-2) for g in report.gains.values())  # it bites
+
+
+def test_variance_matching_gain_by_hand_on_a_two_layer_net():
+    """conv -> BN -> ReLU -> linear: the BN-site gain is sqrt(var_d / var_p) of the BN outputs, and the shift moves
+    the pruned mean onto the dense mean."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+    with torch.no_grad():
+        dense[1].running_mean.uniform_(-0.5, 0.5), dense[1].running_var.uniform_(0.5, 2.0)
+        dense[1].weight.uniform_(0.5, 1.5), dense[1].bias.uniform_(-0.2, 0.2)
+    dense.eval()
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned[0].weight[:, 0] = 0
+    x = torch.randn(64, 2, 4, 4)
+    with torch.no_grad():
+        y_p = pruned[1](pruned[0](x)).transpose(0, 1).flatten(1).double()
+        y_d = dense[1](dense[0](x)).transpose(0, 1).flatten(1).double()
+    gain = (y_d.var(1) / y_p.var(1)).sqrt()
+    gamma, beta = pruned[1].weight.detach().double(), pruned[1].bias.detach().double()
+    repair(pruned, dense, [x[:32], x[32:]], [{"op": "variance_matching", "site": "bn"}])
+    torch.testing.assert_close(pruned[1].weight.double(), gamma * gain, rtol=1e-4, atol=1e-6)
+    expected_beta = gain * beta + y_d.mean(1) - gain * y_p.mean(1)
+    torch.testing.assert_close(pruned[1].bias.double(), expected_beta, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["layer_repair", "asr", "clipped_asr", "reconstruct"])
+def test_presets_with_recalibration_leave_every_bn_recalibrated(dense, batches, preset):
+    """Corrections come before the recalibration of everything downstream of them: the repaired model's BN
+    statistics are its own, so a further BN recalibration changes (almost) nothing, and the correction stays."""
+    model, _ = pruned_copy(dense, 0.95)
+    repair(model, dense, batches, preset)
+    again = copy.deepcopy(model)
+    repair(again, dense, batches, "bn_recalibration")
+    recal_only, _ = pruned_copy(dense, 0.95)
+    repair(recal_only, dense, batches, "bn_recalibration")
+    x = torch.cat(batches)
+    with torch.no_grad():
+        ours, after, ref = model(x), again(x), recal_only(x)
+    assert (after - ours).abs().max() / ours.abs().max() < 1e-3
+    assert (ours - ref).abs().max() / ref.abs().max() > 1e-2
+
+
+def test_recipes_run_in_the_order_written(dense, batches):
+    """[classifier_refit, bn_recalibration] refits on un-recalibrated features, then recalibrates: two walks, the
+    same as two separate repairs, and not the default (recalibrate, then refit: one walk, exactly)."""
+    pruned, _ = pruned_copy(dense, 0.95)
+    written, in_two_calls, default, default_in_two = (copy.deepcopy(pruned) for _ in range(4))
+    report = repair(written, dense, batches, [{"op": "classifier_refit"}, {"op": "bn_recalibration"}])
+    assert report.walks == [["classifier_refit"], ["bn_recalibration"]]
+    repair(in_two_calls, dense, batches, [{"op": "classifier_refit"}])
+    repair(in_two_calls, dense, batches, [{"op": "bn_recalibration"}])
+    assert repair(default, dense, batches, "default").walks == [["bn_recalibration", "classifier_refit"]]
+    repair(default_in_two, dense, batches, [{"op": "bn_recalibration"}])
+    repair(default_in_two, dense, batches, [{"op": "classifier_refit"}])
+    for k, v in _params(written).items():
+        torch.testing.assert_close(v, _params(in_two_calls)[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_params(default)[k], _params(default_in_two)[k], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(written.fc.weight, default.fc.weight, atol=1e-3)
 
 
 def test_bn_recalibration_matches_update_bn(dense, batches):

@@ -1,0 +1,185 @@
+"""Layer-wise reconstruction: re-solve a layer's kept weights by masked ridge least squares.
+
+For a Conv2d or Linear with a fixed mask, every output row o minimises
+
+    || X_S(o) w_o + b_o - Y_o ||^2 + lambda ||w_o||^2
+
+over its kept inputs S(o), where X holds the layer's input patches (one row per sample and output position,
+``in/groups * kh * kw`` columns: stride, padding, dilation, padding mode and groups as the layer applies them)
+and Y the target output. The sufficient statistics are the patch Gram H = X^T X, the cross term X^T Y and, with a
+bias, the patch and target sums: they are accumulated over calibration chunks in float64 and summed across
+processes, so the solution does not depend on how the data is batched or sharded. lambda = damping times the mean
+diagonal of the group's H (never exactly 0, so dead inputs and rank-deficient H are well posed); the bias is
+not shrunk. Rows are solved in batches padded to a common size (padding is an identity block with a zero right
+side, so it solves to 0), in chunks bounded in memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .stats import all_reduce_sum
+
+_CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
+
+
+def patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (groups, K, rows): the columns the layer's weight multiplies, one per output position."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, layer.in_features).T.unsqueeze(0)
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        x = F.pad(x, _explicit_padding(layer), mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+        padding = 0
+    else:
+        padding = layer.padding
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+    n, k, length = cols.shape
+    return cols.view(n, layer.groups, k // layer.groups, length).permute(1, 2, 0, 3).reshape(layer.groups, -1, n * length)
+
+
+def _explicit_padding(conv: nn.Conv2d) -> list[int]:
+    """F.pad's (left, right, top, bottom) for the conv's padding, 'same' and 'valid' included."""
+    if conv.padding == "valid":
+        return [0, 0, 0, 0]
+    if conv.padding == "same":
+        pads = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    return [p for p in reversed(conv.padding) for _ in range(2)]
+
+
+def targets(layer: nn.Conv2d | nn.Linear, y: torch.Tensor) -> torch.Tensor:
+    """The target output as (groups, rows, out/groups), rows ordered as in ``patches``."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, layer.out_features).unsqueeze(0)
+    n, c = y.shape[:2]
+    g = layer.groups
+    return y.reshape(n, g, c // g, -1).permute(1, 0, 3, 2).reshape(g, -1, c // g)
+
+
+@dataclass
+class LayerStatistics:
+    """Sums over calibration rows, per group: Gram (g, K, K), cross (g, K, O), patch sum (g, K), target sum (g, O)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    patch_sum: torch.Tensor
+    target_sum: torch.Tensor
+    rows: int
+
+    def all_reduce(self) -> LayerStatistics:
+        sizes = [self.gram.numel(), self.cross.numel(), self.patch_sum.numel(), self.target_sum.numel(), 1]
+        rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
+        flat = all_reduce_sum(torch.cat([self.gram.flatten(), self.cross.flatten(), self.patch_sum.flatten(),
+                                         self.target_sum.flatten(), rows]))  # fmt: skip
+        parts = flat.split(sizes)
+        self.gram, self.cross, self.patch_sum, self.target_sum = (
+            p.view_as(t) for p, t in zip(parts, (self.gram, self.cross, self.patch_sum, self.target_sum), strict=False)
+        )
+        self.rows = int(parts[4].item())
+        return self
+
+
+def layer_statistics(
+    layer: nn.Conv2d | nn.Linear, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+) -> LayerStatistics:
+    """Sufficient statistics of ``layer`` fed ``inputs`` (chunks) for the target ``outputs`` (same chunks),
+    summed over this process's chunks and across processes."""
+    total = None
+    for x, y in zip(inputs, outputs, strict=True):
+        p, t = patches(layer, x.detach()), targets(layer, y.detach())
+        compute = torch.promote_types(p.dtype, torch.float32)
+        p, t = p.to(compute), t.to(compute)
+        part = LayerStatistics(
+            gram=(p @ p.transpose(1, 2)).double(),
+            cross=(p @ t).double(),
+            patch_sum=p.sum(2).double(),
+            target_sum=t.sum(1).double(),
+            rows=p.shape[2],
+        )
+        total = part if total is None else LayerStatistics(
+            total.gram + part.gram, total.cross + part.cross, total.patch_sum + part.patch_sum,
+            total.target_sum + part.target_sum, total.rows + part.rows,
+        )  # fmt: skip
+    if total is None:
+        raise ValueError("reconstruction needs calibration data: no chunk reached the layer")
+    total = total.all_reduce()
+    if not all(torch.isfinite(t).all() for t in (total.gram, total.cross, total.patch_sum, total.target_sum)):
+        raise FloatingPointError("non-finite activations at a reconstructed layer: check the checkpoint and data")
+    return total
+
+
+@torch.no_grad()
+def reconstruct_layer(
+    layer: nn.Conv2d | nn.Linear, stats: LayerStatistics, mask: torch.Tensor, damping: float, name: str = "layer"
+) -> None:
+    """Overwrite ``layer``'s kept weights (and bias, if it has one) with the masked ridge solution; pruned weights
+    are set to exactly 0."""
+    groups, k = stats.gram.shape[:2]
+    out_per_group = stats.cross.shape[2]
+    kept = mask.reshape(groups, out_per_group, k).to(stats.gram.device, torch.bool)
+    widest = int(kept.sum(2).max())
+    if widest + (layer.bias is not None) > stats.rows:
+        warnings.warn(
+            f"reconstruction of {name}: {stats.rows} calibration rows for up to {widest} unknowns per output; "
+            "the damping keeps the solve well posed, but more calibration images would fit it better",
+            stacklevel=2,
+        )
+    weight = torch.zeros(groups, out_per_group, k, dtype=torch.float64, device=stats.gram.device)
+    bias = torch.zeros(groups, out_per_group, dtype=torch.float64, device=stats.gram.device)
+    for g in range(groups):
+        gram, cross = stats.gram[g], stats.cross[g]
+        if layer.bias is not None:  # append the constant input 1: [[H, s], [s^T, n]] and [X^T Y; sum Y]
+            gram = torch.cat([torch.cat([gram, stats.patch_sum[g, :, None]], 1),
+                              torch.cat([stats.patch_sum[g], gram.new_tensor([stats.rows])])[None]], 0)  # fmt: skip
+            cross = torch.cat([cross, stats.target_sum[g][None]], 0)
+        scale = float(stats.gram[g].diagonal().mean().clamp_min(1e-12))
+        penalty = torch.full((len(gram),), max(damping, 1e-9) * scale, dtype=gram.dtype, device=gram.device)
+        if layer.bias is not None:
+            penalty[k] = 1e-9 * scale  # the intercept is (almost) not shrunk
+        rows_kept = kept[g]
+        if layer.bias is not None:
+            rows_kept = torch.cat([rows_kept, rows_kept.new_ones(out_per_group, 1)], 1)
+        solution = _solve_masked(gram, cross, rows_kept, penalty)
+        weight[g] = solution[:, :k]
+        if layer.bias is not None:
+            bias[g] = solution[:, k]
+    layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
+    if layer.bias is not None:
+        layer.bias.copy_(bias.flatten().to(layer.bias.dtype))
+
+
+def _solve_masked(gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Per row r, solve (gram + diag(penalty))[S, S] w = cross[S, r] over S = kept[r]; 0 outside S. (rows, K)."""
+    rows, k = kept.shape
+    counts = kept.sum(1)
+    order = torch.argsort(counts, stable=True)
+    solution = torch.zeros(rows, k, dtype=gram.dtype, device=gram.device)
+    start = 0
+    while start < rows:
+        stop = start + 1  # grow the chunk while its padded systems fit the budget (rows sorted by width)
+        while stop < rows and (stop + 1 - start) * int(counts[order[stop]]) ** 2 <= _CHUNK_ELEMENTS:
+            stop += 1
+        chunk = order[start:stop]
+        width = int(counts[chunk].max())
+        if width > 0:
+            # kept indices first, padding after: argsort of ~kept puts kept positions (in order) in front
+            idx = torch.argsort((~kept[chunk]).to(torch.int8), dim=1, stable=True)[:, :width]
+            valid = torch.arange(width, device=gram.device)[None] < counts[chunk, None]
+            a = gram[idx[:, :, None], idx[:, None, :]] + torch.diag_embed(penalty[idx])
+            pair = valid[:, :, None] & valid[:, None, :]
+            eye = torch.eye(width, dtype=gram.dtype, device=gram.device).expand_as(a)
+            a = torch.where(pair, a, eye)
+            rhs = torch.where(valid, cross.T[chunk[:, None], idx], torch.zeros((), dtype=gram.dtype))
+            w = torch.linalg.solve(a, rhs)
+            solution[chunk[:, None], idx] = torch.where(valid, w, torch.zeros((), dtype=gram.dtype))
+        start = stop
+    return solution
