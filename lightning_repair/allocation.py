@@ -6,14 +6,14 @@ forced sparsity (``keep_dense`` is sparsity 0), then hands the rest of the budge
 the method, honouring per-layer density caps, so the achieved global sparsity over all
 prunable weights equals the target to within one weight per layer.
 
-Methods (DESIGN.md section 2):
+Methods (docs/methods.md):
 - ``uniform``: one density d for every free layer (capped layers sit at their cap).
 - ``global``: one magnitude threshold across layers (``prune.global_unstructured``, L1).
 - ``erk``: density proportional to ((out+in+kh+kw)/(out*in*kh*kw))**power, with
   google-research/rigl's re-solve when a density would exceed 1 (or its cap).
 - ``lamp``: LAMP scores w_u^2 / sum_{v>=u} w_v^2 (Lee et al. 2021), one global top-k.
 
-RR-guided methods (DESIGN.md section 4) need an RR profile (``diagnostics.rr_profile``) passed to ``allocate``:
+RR-guided methods (docs/methods.md) need an RR profile (``diagnostics.rr_profile``) passed to ``allocate``:
 - ``rr``: densities minimising the total post-repair damage sum_l D_res_l(d_l) under the budget, each D_res_l
   piecewise linear in density through the profile (density 0: the channel-mean repair; density 1: no damage).
   Every layer weighs the same (w_l = 1): D_res is a noise-to-signal ratio at the layer's output, and behind
@@ -168,6 +168,9 @@ def allocate(
     """Keep count of every prunable layer so that global sparsity over prunable weights is ``sparsity``.
 
     ``profile`` (``diagnostics.rr_profile`` of ``model``) is required by the RR-guided methods, ignored by others.
+    When the forced and dense layers use the whole budget, the free layers keep nothing (emptied, as a forced
+    sparsity of 1 would); a target that needs more weights than the free layers can hold, or fewer than the
+    forced layers keep, is refused.
     """
     allocation = allocation or Allocation()
     method = ALLOCATIONS[allocation.method]
@@ -198,7 +201,7 @@ def allocate(
     budget = round((1.0 - sparsity) * total) - sum(forced.values())
     free = [layer for layer in layers if layer.name not in forced]
     free_caps = [caps[layer.name] for layer in free]
-    if budget < 0 or budget > sum(free_caps) or (free and budget == 0 and sparsity < 1):
+    if budget < 0 or budget > sum(free_caps):
         raise ValueError(
             f"target sparsity {sparsity} is unreachable: forced/dense layers keep {sum(forced.values())} of "
             f"{total} weights, leaving {budget} for {len(free)} free layers that can hold at most {sum(free_caps)}"

@@ -1,30 +1,313 @@
-"""The ``lightning-repair`` console script: one LightningCLI, model chosen by class_path."""
+"""The ``lightning-repair`` console script: ``fit`` (one LightningCLI, model chosen by class_path) and ``evaluate``.
+
+Results go to stdout; progress bars and logging to stderr. A failure is one line,
+``lightning-repair: error: <message>``, with exit status 2 for a configuration error (a bad value, an unknown
+key or name, a config file that is not valid YAML) and 1 for an error while running (a missing, unreadable or
+unfitting checkpoint, too little calibration data, ...). ``LIGHTNING_REPAIR_TRACEBACK=1`` shows the traceback
+instead, ``LIGHTNING_REPAIR_VERBOSE=1`` the framework messages hidden as ``ANY_RUN`` and ``PRUNE_REPAIR_RUN``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import logging
+import os
+import pickle
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
 import lightning.pytorch as pl
+import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+from tqdm.auto import tqdm
 
+from .allocation import ALLOCATIONS
 from .datamodule import ImageDataModule
+from .evaluation import evaluate
+from .export import load_exported, unpickling_reason
+from .models import load_weights
+from .pipeline import PruneRepairModule
+from .repair import PRESETS
+
+TRACEBACK_ENV = "LIGHTNING_REPAIR_TRACEBACK"
+VERBOSE_ENV = "LIGHTNING_REPAIR_VERBOSE"
+
+# Lightning messages hidden in every run: neither is about the user's run or config.
+ANY_RUN = (
+    "💡 Tip:",  # advertisements for Lightning's logging and model-registry services
+    "`isinstance(treespec, LeafSpec)` is deprecated",  # Lightning's own code calling torch's pytree API
+    "Seed set to",  # the config's seed_everything, saved in the run's config.yaml
+)
+# Hidden in prune-and-repair runs (PruneRepairModule), where ``fit`` trains nothing: the pipeline runs in
+# on_fit_start and then sets max_epochs to 0, so there is no epoch limit, optimizer, validation step or
+# per-step logging for these to be about.
+PRUNE_REPAIR_RUN = (
+    "`max_epochs` was not set",
+    "You passed in a `val_dataloader` but have no `validation_step`",
+    "`LightningModule.configure_optimizers` returned `None`",
+    "The number of training batches",  # ... is smaller than the logging interval log_every_n_steps
+    "`Trainer.fit` stopped: `max_epochs=0` reached",
+)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+class ConfigError(Exception):
+    """The configuration is wrong: nothing has run yet (exit status 2)."""
+
+
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the epilog's lines kept as written."""
+
+
+class RepairCLI(LightningCLI):
+    """LightningCLI with only the subcommand that works (``fit``: prune and repair, or train a dense model),
+    parse and instantiation errors raised as ``ConfigError``, and the framework's messages that do not apply
+    to the run hidden (``noise``)."""
+
+    HIDDEN = ANY_RUN
+
+    def __init__(self, *args, **kwargs):
+        self.noise = FrameworkNoise()
+        with self.noise.hidden(self.HIDDEN):
+            super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # validate/test/predict need steps that neither PruneRepairModule (its work is done in fit) nor
+        # DenseClassifier's training (validated every epoch) has; `lightning-repair evaluate` tests an exported model
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    def init_parser(self, **kwargs):
+        return super().init_parser(exit_on_error=False, formatter_class=HelpFormatter, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        check_config_files(sys.argv[1:] if args is None else args)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise ConfigError(condense_parser_message(str(err))) from err
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # a constructor refused a value: the config is wrong, nothing has run
+            raise ConfigError(condense_parser_message(str(err))) from err
+
+    def before_fit(self) -> None:
+        if isinstance(self.model, PruneRepairModule):
+            self.noise.hide(PRUNE_REPAIR_RUN)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> RepairCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` there
     is no subcommand and the returned CLI holds the configured ``trainer``, ``model`` and ``datamodule``."""
-    return LightningCLI(
+    return RepairCLI(
         pl.LightningModule,
         ImageDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "description": "Prune a trained CNN and repair it label-free (fit; or train a dense model), or test "
+            "a model it exported (lightning-repair evaluate --help).",
+            "fit": {"epilog": fit_epilog()},
+        },
         args=args,
         run=run,
     )
 
 
+class EvaluateCLI(RepairCLI):
+    """A run config (its data, device and architecture) plus ``--weights``: the file to evaluate."""
+
+    # main hands LightningCLI the command line without the word "evaluate", which Lightning warns about
+    HIDDEN = (*ANY_RUN, "LightningCLI's args parameter is intended to run from within Python")
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--weights", type=str, required=True, help="a run's repaired.pt or repaired.sparse.pt, or any state_dict"
+        )
+
+
+def evaluate_exported(args: list[str]) -> None:
+    """``lightning-repair evaluate --config RUN.yaml --weights FILE``: top-1/top-5 test accuracy of FILE."""
+    cli = EvaluateCLI(
+        pl.LightningModule, ImageDataModule, subclass_mode_model=True, run=False, args=args,
+        parser_kwargs={"prog": "lightning-repair evaluate",
+                       "description": "Test accuracy of an exported model, on the data of a run config."},
+    )  # fmt: skip
+    model = load_weights(cli.model.model, load_exported(cli.config.weights))  # the config's architecture, strictly
+    dm = cli.datamodule
+    dm.setup("test")
+    batches = tqdm(dm.evaluation_dataloader(), desc="evaluate", leave=False)
+    accuracy = evaluate(model, batches, cli.trainer.strategy.root_device)
+    print(f"{cli.config.weights}: top-1 {accuracy['top1']:.4f}  top-5 {accuracy['top5']:.4f}  "
+          f"({accuracy['samples']} test images, {dm.hparams.dataset})")  # fmt: skip
+
+
 def main(args: list[str] | None = None) -> None:
     """The console script. Returns None: a console script's return value becomes its exit status."""
-    build_cli(args)
+    with reported_errors("lightning-repair"):
+        command = sys.argv[1:] if args is None else args
+        if command[:1] == ["evaluate"]:
+            evaluate_exported(command[1:])
+        else:
+            build_cli(args)
+
+
+# ----------------------------------------------------------------------------- framework messages
+
+
+class FrameworkNoise(logging.Filter):
+    """Hides the Python warnings and Lightning log lines that start with one of the hidden prefixes, while
+    ``hidden`` is active and ``LIGHTNING_REPAIR_VERBOSE`` is unset."""
+
+    LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+    def __init__(self):
+        super().__init__()
+        self.prefixes: tuple[str, ...] = ()
+
+    @contextmanager
+    def hidden(self, prefixes: Sequence[str]) -> Iterator[None]:
+        if os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+            yield
+            return
+        loggers = [logging.getLogger(name) for name in self.LOGGERS]
+        with warnings.catch_warnings():  # the filters added by hide() end with the block
+            self.hide(prefixes)
+            for logger in loggers:
+                logger.addFilter(self)
+            try:
+                yield
+            finally:
+                for logger in loggers:
+                    logger.removeFilter(self)
+                self.prefixes = ()
+
+    def hide(self, prefixes: Sequence[str]) -> None:
+        """Add prefixes to hide; only inside ``hidden`` (warning filters added outside would stay)."""
+        if os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+            return
+        self.prefixes += tuple(prefixes)
+        for prefix in prefixes:
+            warnings.filterwarnings("ignore", message=re.escape(prefix))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@contextmanager
+def reported_errors(prog: str) -> Iterator[None]:
+    """Turn an exception into one line on stderr and exit status 2 (``ConfigError``) or 1 (anything else)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
+
+
+def error_message(err: BaseException) -> str:
+    """The exception's message on one line; torch's explanation of a refused pickle, which advises loading the
+    file with ``weights_only=False`` (running whatever code it holds), is replaced by the reason alone."""
+    message = str(err) or type(err).__name__
+    cause = err.__cause__ or err.__context__
+    while cause is not None:
+        if isinstance(cause, pickle.UnpicklingError):
+            message = message.replace(str(cause), unpickling_reason(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(err, KeyError):  # str(KeyError) is the repr of the key alone
+        message = f"{type(err).__name__}: {message}"
+    return " ".join(message.split())
+
+
+# jsonargparse's lines that explain its own type matching rather than the value that was refused
+_PARSER_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Expected a <class 'NoneType'>"
+    r"|Given value type: |Given value: |Problem with given class_path )"
+)
+
+
+def condense_parser_message(message: str) -> str:
+    """jsonargparse's nested report as ``key.path: reason``: the ``Parser key "..."`` lines become the key path,
+    the lines about Union subtypes and the dump of the given value are dropped."""
+    keys, reasons = [], []
+    for line in message.splitlines():
+        line = line.strip().removeprefix("- ")
+        key = re.fullmatch(r'Parser key "([^"]+)":', line)
+        if key:
+            keys.append(key.group(1))
+        elif line and not _PARSER_NOISE.match(line):
+            reasons.append(line)
+    reason = "; ".join(reasons) or message
+    return f"{'.'.join(keys)}: {reason}" if keys else reason
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Read every ``--config`` file first, so that a missing file or a YAML syntax error is reported with the
+    file's name (jsonargparse reports the line in ``<unicode string>``)."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = Path(args[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.removeprefix("--config="))
+        else:
+            continue
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with path.open() as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as err:  # its marks name the file: we opened it ourselves
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def fit_epilog() -> str:
+    """The prune-and-repair options and what each repair preset expands to, from the code itself."""
+    defaults = {k: p.default for k, p in inspect.signature(PruneRepairModule).parameters.items()}
+    width = max(map(len, PRESETS)) + 2
+    presets = "\n".join(f"  {name:<{width}}{_recipe_text(ops)}" for name, ops in PRESETS.items())
+    return (
+        "prune and repair (model.class_path: lightning_repair.PruneRepairModule, as in configs/quickstart.yaml):\n"
+        f"  --model.sparsity S     target global sparsity over prunable weights, in [0, 1) "
+        f"(default {defaults['sparsity']})\n"
+        f"  --model.allocation M   {', '.join(ALLOCATIONS)}, or a dict with options "
+        f"(default {defaults['allocation']}; see configs/allocation/)\n"
+        f"  --model.repair R       a preset below, or a list of operators [{{op: ...}}, ...] "
+        f"(default {defaults['repair']})\n"
+        "  every option:          lightning-repair fit --model.help lightning_repair.PruneRepairModule\n"
+        "  dense training:        lightning-repair fit --model.help lightning_repair.DenseClassifier\n"
+        "  a model it exported:   lightning-repair evaluate --config RUN.yaml --weights repaired.pt\n"
+        f"\nrepair presets (operators in order):\n{presets}\n"
+        "\nmethods: docs/methods.md. LIGHTNING_REPAIR_TRACEBACK=1 shows the traceback of an error,\n"
+        "LIGHTNING_REPAIR_VERBOSE=1 the framework messages the tool hides."
+    )
+
+
+def _recipe_text(ops: list[dict]) -> str:
+    if not ops:
+        return "(no operator: the pruned model as it is)"
+    steps = []
+    for op in ops:
+        options = ", ".join(f"{k}={v}" for k, v in op.items() if k != "op")
+        steps.append(op["op"] + (f"({options})" if options else ""))
+    return " -> ".join(steps)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ class DatasetInfo:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    location: str | None = None  # the folder the images were read from (build_datasets); None: generated
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -172,6 +173,7 @@ def build_datasets(
         return train, test, info
     if name == "fashion_mnist":
         folder = find_fashion_mnist(root, download)
+        info = replace(info, location=str(folder))
         splits = []
         for split, (img, lab) in FASHION_MNIST_FILES.items():
             images = torch.from_numpy(_read_idx(folder / img).copy()).unsqueeze(1)
@@ -185,12 +187,14 @@ def build_datasets(
         def make(train):
             return cls(str(root), train=train, download=download, transform=_transforms(info, augment and train))
 
+        info = replace(info, location=str(root))
         return _with_error(make, name, root, True), _with_error(make, name, root, False), info
     if name == "imagenette":
         make = lambda train: tvd.Imagenette(  # noqa: E731
             str(root), split="train" if train else "val", size="full", download=download,
             transform=_transforms(info, augment and train),
         )  # fmt: skip
+        info = replace(info, location=str(root))
         return _with_error(make, name, root, True), _with_error(make, name, root, False), info
     # imagefolder: data_dir/train/<class>/*, data_dir/val/<class>/* (ImageNet-100 or any tree)
     folders = {s: root / s for s in ("train", "val")}
@@ -203,7 +207,7 @@ def build_datasets(
         raise ValueError(
             f"imagefolder: {folders['val']} has classes {test.classes} but {folders['train']} has {train.classes}"
         )
-    info = DatasetInfo(len(train.classes), info.in_channels, info.image_size, info.mean, info.std)
+    info = DatasetInfo(len(train.classes), info.in_channels, info.image_size, info.mean, info.std, str(root))
     return train, test, info
 
 

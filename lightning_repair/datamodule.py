@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
 
 from .data import DATASETS, CalibrationImages, build_datasets, shard_indices
@@ -14,11 +17,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     Args:
         dataset: fashion_mnist, cifar10, cifar100, imagenette, imagefolder or synthetic.
-        data_dir: where the dataset lives (for imagefolder: a folder with train/ and val/).
+        data_dir: where the dataset lives (for imagefolder: a folder with train/ and val/). Fashion-MNIST
+            missing there (and download false) is read from Debian's copy, /usr/share/datasets/fashion-mnist,
+            with a message; metrics.json records the folder actually read (``data_location``).
         download: download the dataset if it is not found (never done in tests).
         calibration_size: number of unlabeled training images used for repair.
         calibration_seed: seed of the random calibration subset.
-        batch_size: batch size of every loader.
+        batch_size: batch size of every loader. A calibration set smaller than it is one batch; the repair's
+            statistics are sums over the whole calibration set, so its batching does not change the result.
         num_workers: DataLoader worker processes.
         augment: random crop and flip on the training split (dense training only).
         synthetic_shape: (num_classes, in_channels, image_size) of dataset=synthetic, to mimic another
@@ -63,6 +69,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set, self.test_set, self.info = build_datasets(
             hp.dataset, hp.data_dir, hp.download, hp.augment, synthetic_shape=hp.synthetic_shape
         )
+        location = self.info.location
+        if location is not None and not Path(location).resolve().is_relative_to(Path(hp.data_dir).resolve()):
+            rank_zero_info(f"data.data_dir {hp.data_dir!r} holds no {hp.dataset}: reading it from {location}")
 
     @property
     def calibration_set(self) -> CalibrationImages:

@@ -51,7 +51,7 @@ def evaluate(
 
 @torch.no_grad()
 def calibration_forward_time(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Seconds of one forward pass over ``batches`` in eval mode: the cost unit F of DESIGN.md section 6.
+    """Seconds of one forward pass over ``batches`` in eval mode: the cost unit F of docs/methods.md.
 
     One warm-up batch runs first so the timed pass is representative.
     """

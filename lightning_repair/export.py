@@ -2,6 +2,13 @@
 
 Every file is written to a temporary name in the same folder and renamed into place, so
 an interrupted run leaves either the previous file or the complete new one, never a part.
+
+Loading an exported model into its architecture (the run's ``model.network``)::
+
+    model = Network(arch="resnet18", num_classes=10, in_channels=1, stem="cifar", width=0.25).build()
+    load_weights(model, "repaired.pt")                      # dense-shaped state_dict
+    load_weights(model, load_sparse("repaired.sparse.pt"))  # compact: kept values + packed masks
+    # or load_weights(model, load_exported(path)) for either; inputs normalised as in data.DATASETS
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import io
 import json
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -104,27 +112,49 @@ def dense_from_sparse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def unpickling_reason(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, without torch's advice to load it with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    reasons = [
+        line.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]  # not the advice to allowlist it
+        for line in lines
+        if line and "weights_only" not in line and not line.startswith("Weights only load failed")
+    ]
+    return " ".join(reasons) or "it holds objects that only a full unpickler, which can run code, would load"
+
+
+def _safe_load(path: str | Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointMismatchError(f"refused to read {what} {path}: {unpickling_reason(err)}") from err
+    except Exception as err:
+        raise CheckpointMismatchError(f"cannot read {what} {path}: {err}") from err
+
+
 def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a compact sparse file (``weights_only=True``) as a dense-shaped state_dict."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointMismatchError(f"cannot read sparse checkpoint {path} safely: {err}") from err
+    return dense_from_sparse(_safe_load(path, "sparse checkpoint"))
+
+
+def load_exported(path: str | Path) -> dict[str, torch.Tensor]:
+    """Either file ``export`` writes (or any plain state_dict), as a dense-shaped state_dict."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    state = _safe_load(path, "model file")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(f"{path} holds no state_dict of tensors")
     return dense_from_sparse(state)
 
 
-def size_report(state: dict[str, torch.Tensor], sparse: dict[str, torch.Tensor]) -> dict[str, int | float]:
-    """Bytes of the dense-shaped tensors against the compact sparse tensors."""
-    dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    sparse_bytes = sum(t.numel() * t.element_size() for t in sparse.values())
-    return {"dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes, "ratio": sparse_bytes / max(dense_bytes, 1)}
-
-
 def export(model: nn.Module, masks: dict[str, torch.Tensor], folder: str | Path, stem: str = "repaired") -> dict:
-    """Write ``<stem>.pt`` (dense-shaped state_dict) and ``<stem>.sparse.pt``; return paths and sizes."""
+    """Write ``<stem>.pt`` (dense-shaped state_dict) and ``<stem>.sparse.pt``; return their paths and sizes on
+    disk in bytes (``dense_bytes``, ``sparse_bytes``) and ``ratio`` = sparse / dense."""
     folder = Path(folder)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    sparse = sparse_state(model, masks)
     dense_path = atomic_torch_save(folder / f"{stem}.pt", state)
-    sparse_path = atomic_torch_save(folder / f"{stem}.sparse.pt", sparse)
-    return {"state_dict": str(dense_path), "sparse": str(sparse_path), **size_report(state, sparse)}
+    sparse_path = atomic_torch_save(folder / f"{stem}.sparse.pt", sparse_state(model, masks))
+    dense_bytes, sparse_bytes = dense_path.stat().st_size, sparse_path.stat().st_size
+    return {"state_dict": str(dense_path), "sparse": str(sparse_path), "dense_bytes": dense_bytes,
+            "sparse_bytes": sparse_bytes, "ratio": sparse_bytes / dense_bytes}  # fmt: skip

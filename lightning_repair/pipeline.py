@@ -7,6 +7,7 @@ Only rank 0 writes files; every statistic and every accuracy is reduced across p
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,11 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from jsonargparse.typing import restricted_number_type
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import PROFILE_METHODS, Allocation, allocate, format_table
+from .callbacks import DiscardFailedRun
 from .datamodule import ImageDataModule
 from .diagnostics import DEFAULT_GRID, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
@@ -38,11 +39,11 @@ class PruneRepairModule(pl.LightningModule):
         network: the checkpoint's architecture.
         checkpoint: dense weights (Lightning checkpoint, state_dict or torchvision layout).
         sparsity: target global sparsity over prunable weights, in [0, 1).
-        allocation: a method name (uniform, global, erk, lamp) or a dict with options.
-        repair: a preset (none, bn_recalibration, layer_vm, asr, clipped_asr, default) or a
+        allocation: a method name (uniform, global, erk, lamp, rr, erk_rr) or a dict with options.
+        repair: a preset (``lightning-repair fit --help`` lists them with their operators) or a
             list of operators, e.g. ``[{op: bn_recalibration}, {op: variance_matching, ...}]``.
         save_model: write the repaired model (dense-shaped and compact sparse) to the log dir.
-        rr_grid: sparsities of the per-layer RR profile (DESIGN.md section 4), which also adds D_raw, D_res
+        rr_grid: sparsities of the per-layer RR profile (docs/methods.md), which also adds D_raw, D_res
             and RR at each layer's allocated sparsity to metrics.json; null or [] turns it off unless the
             allocation (rr, erk_rr) needs it. Costs about len(rr_grid) + 2 dense calibration passes.
     """
@@ -84,6 +85,9 @@ class PruneRepairModule(pl.LightningModule):
     def configure_optimizers(self):
         return None
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [DiscardFailedRun()]  # results are written at the end: a failed run has nothing to show
+
     # ------------------------------------------------------------------ the pipeline
 
     def on_fit_start(self) -> None:
@@ -121,8 +125,9 @@ class PruneRepairModule(pl.LightningModule):
             "test_samples": result.repaired["samples"],
             "world_size": world,
             "state_sha256": replica_digest(self.model),
-            "config": _plain(dict(hp)),
-            "data_config": _plain(dict(dm.hparams)),
+            "config": _plain(init_args(self)),
+            "data_config": _plain(init_args(dm)),
+            "data_location": dm.info.location,
         }
         if self.profile is not None:
             self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,
@@ -132,6 +137,7 @@ class PruneRepairModule(pl.LightningModule):
         self.report = result.report
         self._write(result.masks)
         trainer.fit_loop.max_epochs = 0  # nothing to train: the fit loop ends at once
+        trainer.enable_autolog_hparams = False  # _write logged the hparams with the accuracies (no hp_metric=-1)
 
     def _allocate(
         self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float]
@@ -176,7 +182,7 @@ class PruneRepairModule(pl.LightningModule):
             res["export"] = export(self.model, masks, log_dir)
         atomic_write_json(log_dir / "metrics.json", res)
         acc = res["accuracy"]
-        rank_zero_info(
+        print(  # the results, on stdout (logging and progress bars are on stderr)
             format_table(res["layers"])
             + f"\n\naccuracy  dense {acc['dense']:.4f}  pruned {acc['pruned']:.4f}  repaired {acc['repaired']:.4f}"
             + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
@@ -193,18 +199,30 @@ def load_dense(network: Network, checkpoint: str, dm: ImageDataModule, device: t
             f"model.network has num_classes={network.num_classes}, in_channels={network.in_channels} but dataset "
             f"{dm.hparams.dataset!r} has num_classes={dm.info.num_classes}, in_channels={dm.info.in_channels}"
         )
-    return load_weights(network.build(), checkpoint).to(device).eval()
+    model = network.build()
+    check_running_stats(model)
+    return load_weights(model, checkpoint).to(device).eval()
+
+
+def check_running_stats(model: nn.Module) -> None:
+    """Refuse a BatchNorm without running statistics (``track_running_stats=False``): it normalises every batch
+    by that batch's own statistics, even in eval mode, so there are no statistics for a repair to correct."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            raise ValueError(
+                f"BatchNorm {name!r} has no running statistics (track_running_stats=False): pruning and repair "
+                "need BatchNorm layers that keep them"
+            )
 
 
 def load_calibration(
     dm: ImageDataModule, device: torch.device | str, rank: int = 0, world_size: int = 1,
     progress: Callable[[Iterable, str], Iterable] | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
-    """This process's shard of the unlabeled calibration batches, on ``device``."""
+    """This process's shard of the unlabeled calibration batches, on ``device``. A calibration set smaller than
+    ``data.batch_size`` is one batch: the repair's statistics are sums over the whole set, whatever its batching."""
     dm.setup("fit")
-    n_cal, batch = len(dm.calibration_set), dm.hparams.batch_size
-    if n_cal < batch:
-        raise ValueError(f"data.calibration_size={n_cal} is smaller than one batch (data.batch_size={batch})")
+    n_cal = len(dm.calibration_set)
     if n_cal < world_size:
         raise ValueError(f"data.calibration_size={n_cal} is smaller than the number of processes")
     loader = dm.calibration_dataloader(rank, world_size)
@@ -234,6 +252,12 @@ def replica_digest(model: nn.Module) -> str:
                 "statistic or a repair step was not reduced across processes"
             )
     return digest
+
+
+def init_args(module: pl.LightningModule | pl.LightningDataModule) -> dict[str, Any]:
+    """A module's constructor arguments: its hparams without what LightningCLI adds (``_class_path``, ...)."""
+    parameters = inspect.signature(type(module)).parameters
+    return {k: v for k, v in module.hparams.items() if k in parameters}
 
 
 def run_hparams(results: dict) -> dict[str, int | float | str | bool]:

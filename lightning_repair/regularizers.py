@@ -1,4 +1,4 @@
-"""Pruning-robustness regularizers for dense training (DESIGN.md section 5).
+"""Pruning-robustness regularizers for dense training (docs/methods.md).
 
 Both take the prunable weight tensors (Conv2d/Linear weights) and return a scalar that
 is added to the task loss, multiplied by its ``lambda``.

@@ -16,7 +16,7 @@ An existing fit config is reused as it is: ``lightning-repair-sweep --config fit
 --output DIR``; every fit flag (``--data.data_dir``, ``--trainer.accelerator``, ...) works the same.
 
 Work the cells share is done once: loading each dense model and its test accuracy, the calibration
-batches of each seed, the time of one dense pass over them (the cost unit F of DESIGN.md section 6)
+batches of each seed, the time of one dense pass over them (the cost unit F of docs/methods.md)
 and, for the RR-guided allocations, the dense model's RR profile on them.
 Test accuracies are cached by model content, so the pruned model that every repair of an
 (allocation, sparsity) cell shares, and the unchanged model of repair ``none``, are evaluated once.
@@ -24,7 +24,8 @@ Test accuracies are cached by model content, so the pruned model that every repa
 ``output`` receives ``results.csv`` (one row per cell, rewritten atomically after every cell, so an
 interrupted sweep resumes at the first missing cell and never loses or duplicates a row),
 ``accuracy_vs_sparsity.png``, the same figure under ``tensorboard/``, and ``config.yaml``. A
-summary table is printed at the end.
+summary table is printed at the end, on stdout; progress and errors go to stderr, an error as one line
+(exit status 2 for a configuration error, 1 for an error while running).
 
 The Fashion-MNIST CPU reproduction (README), from the repository root:
 
@@ -38,11 +39,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import io
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,7 +54,6 @@ from typing import Any
 import matplotlib.image
 import numpy as np
 import torch
-from lightning.pytorch.cli import LightningCLI
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
@@ -61,13 +61,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .allocation import PROFILE_METHODS, Allocation
+from .cli import ConfigError, RepairCLI, fit_epilog, reported_errors
 from .datamodule import ImageDataModule
 from .diagnostics import rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_bytes, atomic_write_json
 from .models import Network
 from .oneshot import OneShotResult, prune_and_repair, timed
-from .pipeline import PruneRepairModule, Sparsity, load_calibration, load_dense
+from .pipeline import PruneRepairModule, Sparsity, init_args, load_calibration, load_dense
 from .repair import Operator, parse_recipe
 
 RESULTS = "results.csv"
@@ -287,12 +288,6 @@ def with_calibration_seed(dm: ImageDataModule, seed: int) -> ImageDataModule:
     return type(dm)(**{**init_args(dm), "calibration_seed": seed})
 
 
-def init_args(dm: ImageDataModule) -> dict[str, Any]:
-    """The datamodule's constructor arguments (its hparams, without what LightningCLI adds)."""
-    parameters = inspect.signature(type(dm)).parameters
-    return {k: v for k, v in dm.hparams.items() if k in parameters}
-
-
 def run_sweep(
     network: Network,
     dm: ImageDataModule,
@@ -313,6 +308,9 @@ def run_sweep(
     rows = read_results(output / RESULTS)
     done = {row_key(r) for r in rows}
     todo = [c for c in cells if c.key not in done]
+    if len(todo) < len(cells):
+        print(f"resuming the sweep in {output}: {len(cells) - len(todo)} of {len(cells)} cells are already in "
+              f"{RESULTS}, {len(todo)} to run", file=sys.stderr)  # fmt: skip
     test = CachedEvaluation(dm, device)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell", dynamic_ncols=True)
     for checkpoint, by_checkpoint in itertools.groupby(todo, key=lambda c: c.checkpoint):
@@ -384,9 +382,11 @@ def plot(rows: list[dict]) -> Figure:
     axes = fig.subplots(len(dense), len(allocations), sharex=True, sharey=True, squeeze=False)
     for (checkpoint, allocation, repair), curve in curves.items():
         ax, xs = axes[list(dense).index(checkpoint), allocations.index(allocation)], sorted(curve)
+        several_seeds = any(len(curve[x]) > 1 for x in xs)  # else there is no spread to draw, only empty caps
         ax.errorbar(
-            xs, [mean(curve[x]) for x in xs], yerr=[pstdev(curve[x]) for x in xs], capsize=3, marker="o",
-            markersize=3, color=f"C{repairs.index(repair) % 10}", label=repair,
+            xs, [mean(curve[x]) for x in xs], yerr=[pstdev(curve[x]) for x in xs] if several_seeds else None,
+            capsize=3, marker="o", markersize=3 if len(xs) > 1 else 6, color=f"C{repairs.index(repair) % 10}",
+            label=repair,
         )  # fmt: skip
     for i, (checkpoint, acc) in enumerate(dense.items()):
         for j, allocation in enumerate(allocations):
@@ -469,7 +469,7 @@ def report(rows: list[dict], output: Path) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-class SweepCLI(LightningCLI):
+class SweepCLI(RepairCLI):
     """The ``lightning-repair fit`` parser with ``grid`` and ``output`` added."""
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -479,21 +479,24 @@ class SweepCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None) -> SweepCLI:
     """Parse ``args`` (default: the command line) and build the trainer, model, datamodule and grid."""
-    try:
-        return SweepCLI(
-            PruneRepairModule, ImageDataModule, subclass_mode_model=True, seed_everything_default=0, run=False,
-            auto_configure_optimizers=False, args=args,
-            parser_kwargs={"description": "Prune and repair over an allocation x sparsity x repair grid."},
-        )  # fmt: skip
-    except ValueError as err:  # raised while instantiating: a bad grid, model or data value
-        raise SystemExit(f"lightning-repair-sweep: error: {err}") from None
+    return SweepCLI(
+        PruneRepairModule, ImageDataModule, subclass_mode_model=True, seed_everything_default=0, run=False,
+        auto_configure_optimizers=False, args=args,
+        parser_kwargs={"description": "Prune and repair over an allocation x sparsity x repair grid.",
+                       "epilog": fit_epilog()},
+    )  # fmt: skip
 
 
 def main(args: list[str] | None = None) -> None:
+    with reported_errors("lightning-repair-sweep"):
+        sweep(args)
+
+
+def sweep(args: list[str] | None = None) -> None:
     cli = build_cli(args)
     trainer = cli.trainer
     if trainer.num_devices * trainer.num_nodes > 1:
-        raise SystemExit("lightning-repair-sweep: error: a sweep runs in one process; set trainer.devices: 1")
+        raise ConfigError("a sweep runs in one process; set trainer.devices: 1")
     output = Path(cli.config.output)
     model, dm = cli.model, cli.datamodule
     cells = grid_cells(cli.config_init.grid, model, dm)

@@ -1,15 +1,25 @@
-"""The ``lightning-repair`` CLI, driven in-process with tiny YAML configs on synthetic data (TorchGeo style)."""
+"""The ``lightning-repair`` CLI, driven in-process with tiny YAML configs on synthetic data (TorchGeo style),
+and once as the console script: what the user reads, and where."""
 
 from __future__ import annotations
 
-import json
+import copy
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
+from torch.optim.swa_utils import update_bn
 
-from lightning_repair.cli import main
-from lightning_repair.repair import describe, parse_recipe
+from lightning_repair.allocation import ALLOCATIONS
+from lightning_repair.cli import ANY_RUN, PRUNE_REPAIR_RUN, main
+from lightning_repair.datamodule import ImageDataModule
+from lightning_repair.masks import apply_masks, compute_masks
+from lightning_repair.models import Network, load_weights
+from lightning_repair.repair import PRESETS
 
-from helpers import pipeline_config, read_metrics, run_dir, run_fit, write_config
+from helpers import TINY_NETWORK, calibrated_dense, pipeline_config, read_metrics, run_dir, run_fit, write_config
 
 
 @pytest.fixture
@@ -23,7 +33,6 @@ def test_fit_runs_the_pipeline_from_yaml(tmp_path, config_path):
     assert metrics["sparsity"]["target"] == 0.9
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)
     assert metrics["allocation"] == "erk"
-    assert metrics["repair"] == describe(parse_recipe("default"))
     assert set(metrics["accuracy"]) == {"dense", "pruned", "repaired"}
     for name in ("repaired.pt", "repaired.sparse.pt", "config.yaml"):
         assert (run_dir(tmp_path) / name).is_file(), name
@@ -63,39 +72,91 @@ def test_allocation_dict_with_options_in_yaml(tmp_path, dense_checkpoint):
     assert built["overrides"][0] == {"select": "role:classifier", "sparsity": None, "max_density": 0.5}
 
 
-def test_full_repair_list_in_yaml(tmp_path, dense_checkpoint):
-    recipe = [
-        {"op": "bn_recalibration"},
-        {"op": "variance_matching", "granularity": "channel", "shrinkage": "adaptive", "clip": [0.5, 2.0]},
-        {"op": "variance_matching", "site": "block", "granularity": "layer", "match_mean": False},
-    ]
-    config = pipeline_config(tmp_path, dense_checkpoint, repair=recipe)
-    run_fit(write_config(tmp_path / "config.yaml", config))
-    assert read_metrics(tmp_path)["repair"] == json.loads(json.dumps(describe(parse_recipe(recipe))))  # tuples as lists
+def test_repair_list_in_yaml_acts_on_the_pruned_model(tmp_path, dense_checkpoint):
+    """BN recalibration then classifier refit, spelled out: the repaired model is the pruned one with every BN's
+    running statistics those of the pruned network on the calibration images (computed here with torch's
+    update_bn), the classifier changed, and nothing else touched."""
+    recipe = [{"op": "bn_recalibration"}, {"op": "classifier_refit"}]
+    run_fit(write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint, repair=recipe)))
+    metrics = read_metrics(tmp_path)
+    repaired = load_weights(Network(**TINY_NETWORK).build(), run_dir(tmp_path) / "repaired.pt").state_dict()
+
+    dense = calibrated_dense()
+    pruned = apply_masks(copy.deepcopy(dense), compute_masks(dense, {r["name"]: r["kept"] for r in metrics["layers"]}))
+    calibration = ImageDataModule(dataset="synthetic", calibration_size=64, augment=False).calibration_set
+    recalibrated = copy.deepcopy(pruned)
+    update_bn([torch.stack([calibration[i] for i in range(len(calibration))])], recalibrated)  # one batch: exact
+    expected = recalibrated.state_dict()
+
+    running = [k for k in expected if k.endswith(("running_mean", "running_var"))]
+    assert len(running) == 2 * 20  # ResNet-18: 20 BatchNorms
+    for key in running:  # the engine stores the unbiased variance as update_bn does; 1% covers float32 sums
+        torch.testing.assert_close(repaired[key], expected[key], rtol=1e-2, atol=1e-4, msg=key)
+    changed = [k for k in running if not torch.allclose(repaired[k], pruned.state_dict()[k], rtol=1e-2, atol=1e-4)]
+    assert len(changed) > len(running) // 2
+    assert not torch.equal(repaired["fc.weight"], pruned.state_dict()["fc.weight"])
+    for key, tensor in pruned.state_dict().items():
+        if key not in running and not key.startswith("fc.") and "num_batches_tracked" not in key:
+            assert torch.equal(repaired[key], tensor), key  # convs (masked) and BN gamma/beta as pruned
 
 
-def test_help_lists_the_options(capsys):
+# ----------------------------------------------------------------------------- help and subcommands
+
+
+def test_fit_help_shows_the_prune_repair_options_and_what_each_preset_expands_to(capsys):
     with pytest.raises(SystemExit) as info:
         main(["fit", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "--data.calibration_size" in out and "--model" in out
+    for option in ("--data.calibration_size", "--model.sparsity", "--model.allocation", "--model.repair"):
+        assert option in out
+    assert all(method in out for method in ALLOCATIONS)
+    section = out.split("repair presets")[1].split("\n\n")[0].splitlines()[1:]
+    assert len(section) == len(PRESETS)
+    for name, ops in PRESETS.items():  # one line per preset, naming its operators in order
+        (line,) = [line for line in section if line.split()[0] == name]
+        positions = [line.index(op["op"], len(name) + 2) for op in ops]
+        assert positions == sorted(positions), line
     with pytest.raises(SystemExit) as info:
         main(["fit", "--model.help", "lightning_repair.PruneRepairModule"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--model.sparsity", "--model.allocation", "--model.repair", "--model.network.arch"):
+    for option in ("--model.sparsity", "--model.allocation", "--model.repair", "--model.network", "erk_rr"):
         assert option in out
 
 
-def cli_failure(capsys, config_path, *flags) -> str:
-    """Run ``fit``, expect it to fail, and return what the user reads: the parser's message or the error."""
-    with pytest.raises((SystemExit, ValueError)) as info:
-        run_fit(config_path, *flags)
-    if isinstance(info.value, SystemExit):
-        assert info.value.code not in (0, None)
-        return capsys.readouterr().err
-    return str(info.value)
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_only_working_subcommands_are_offered(capsys, config_path, subcommand):
+    code, err = cli_failure(capsys, config_path, subcommand=subcommand)
+    assert code == 2 and "invalid choice" in err and "'fit'" in err
+
+
+def test_evaluate_an_exported_model(tmp_path, config_path, capsys):
+    run_fit(config_path)
+    accuracy = read_metrics(tmp_path)["accuracy"]["repaired"]
+    capsys.readouterr()
+    for name in ("repaired.pt", "repaired.sparse.pt"):
+        main(["evaluate", "--config", str(config_path), "--weights", str(run_dir(tmp_path) / name)])
+        assert f"top-1 {accuracy:.4f}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def cli_failure(capsys, config_path, *flags, subcommand="fit") -> tuple[int, str]:
+    """Run the CLI, expect it to fail, and return its exit status and what it wrote to stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([subcommand, "--config", str(config_path), *flags])
+    return info.value.code, capsys.readouterr().err
+
+
+def assert_one_error_line(err: str, *parts: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("lightning-repair")]
+    assert len(lines) == 1 and lines[0].startswith("lightning-repair: error: "), err
+    assert "Traceback" not in err and "usage:" not in err and "Namespace(" not in err, err
+    for part in parts:
+        assert part in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(
@@ -109,15 +170,98 @@ def cli_failure(capsys, config_path, *flags) -> str:
         (["--model.allocation", "{method: erk, overrides: [{select: fc}]}"], ["override 'fc'", "max_density"]),
         (["--model.repair", "bogus"], ["repair", "unknown preset 'bogus'"]),
         (["--model.repair", "[{op: bogus}]"], ["repair[0]", "unknown operator 'bogus'"]),
-        (["--model.repair", "[{op: variance_matching, site: nowhere}]"], ["variance_matching.site", "'nowhere'"]),
         (["--model.network.arch", "resnet9"], ["network.arch", "'resnet9'"]),
+        (["--model.bogus", "1"], ["bogus"]),
+        (["--trainer.max_epochz", "1"], ["max_epochz"]),
         (["--data.calibration_size", "-3"], ["data.calibration_size", "-3"]),
         (["--data.batch_size", "0"], ["data.batch_size"]),
         (["--data.dataset", "bogus"], ["data.dataset", "'bogus'"]),
     ],
 )
-def test_bad_config_values_are_rejected_naming_the_field(tmp_path, capsys, config_path, flags, expected):
-    message = cli_failure(capsys, config_path, *flags)
-    for part in expected:
-        assert part in message
-    assert not (run_dir(tmp_path) / "metrics.json").exists()
+def test_configuration_errors_are_one_line_with_exit_status_2(tmp_path, capsys, config_path, flags, expected):
+    code, err = cli_failure(capsys, config_path, *flags)
+    assert code == 2
+    assert_one_error_line(err, *expected)
+    assert not run_dir(tmp_path).exists()
+
+
+def test_config_file_errors_name_the_file(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  init_args: {sparsity: 0.9\n  repair: [\n")
+    code, err = cli_failure(capsys, broken)
+    assert code == 2
+    assert_one_error_line(err, "broken.yaml", "line 2")
+    code, err = cli_failure(capsys, tmp_path / "absent.yaml")
+    assert code == 2
+    assert_one_error_line(err, "absent.yaml", "not found")
+
+
+def checkpoint_variant(tmp_path, kind: str):
+    """A checkpoint the run cannot use, and the words its error must name."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "missing":
+        return path, ["missing.pt", "not found"]
+    if kind == "truncated":
+        data = (tmp_path / "dense.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, ["truncated.pt"]
+    if kind == "malicious":
+        state = calibrated_dense().state_dict()
+        state["fc.bias"] = RunsCode(tmp_path / "code-ran")
+        torch.save(state, path)
+        return path, ["malicious.pt", "GLOBAL"]
+    torch.save(calibrated_dense(arch="vgg16_bn").state_dict(), path)  # another architecture
+    return path, ["mismatch.pt", "does not fit", "missing"]
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "malicious", "mismatch"])
+def test_runtime_errors_are_one_line_with_exit_status_1(tmp_path, capsys, config_path, kind):
+    checkpoint, expected = checkpoint_variant(tmp_path, kind)
+    code, err = cli_failure(capsys, config_path, "--model.checkpoint", str(checkpoint))
+    assert code == 1
+    assert_one_error_line(err, *expected)
+    assert "will likely succeed" not in err and "weights_only=False" not in err  # torch's advice never shown
+    assert not (tmp_path / "code-ran").exists()
+    assert not run_dir(tmp_path).exists()  # the failed run left no empty TensorBoard run behind
+
+
+def test_too_little_calibration_data_is_a_runtime_error(tmp_path, capsys, config_path):
+    code, err = cli_failure(capsys, config_path, "--data.calibration_size", "100000")
+    assert code == 1
+    assert_one_error_line(err, "calibration_size=100000", "512")
+
+
+def test_traceback_on_request(config_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        run_fit(config_path, "--model.checkpoint", str(tmp_path / "nowhere.pt"))
+
+
+# ----------------------------------------------------------------------------- what a run prints
+
+
+def test_console_run_prints_results_on_stdout_and_no_framework_noise(tmp_path, config_path):
+    """The console script as a user runs it: results on stdout; on stderr none of the hidden framework
+    messages, which LIGHTNING_REPAIR_VERBOSE=1 brings back."""
+    command = [os.path.join(os.path.dirname(sys.executable), "lightning-repair"), "fit", "--config", str(config_path),
+               "--model.rr_grid", "null", "--model.save_model", "false"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    quiet = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "accuracy  dense" in quiet.stdout and "global: kept" in quiet.stdout and "metrics.json" in quiet.stdout
+    assert "accuracy  dense" not in quiet.stderr
+    for message in (*ANY_RUN, *PRUNE_REPAIR_RUN):
+        assert message not in quiet.stderr, message
+    verbose = subprocess.run(command, capture_output=True, text=True, env=env | {"LIGHTNING_REPAIR_VERBOSE": "1"},
+                             timeout=600)  # fmt: skip
+    assert verbose.returncode == 0, verbose.stderr
+    shown = [m for m in PRUNE_REPAIR_RUN if m in verbose.stderr]
+    assert len(shown) >= 4, verbose.stderr  # the per-step logging warning depends on the batch count

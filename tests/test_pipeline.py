@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -9,25 +10,37 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.cli import build_cli
+from lightning_repair.data import build_datasets
+from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.export import load_sparse
 from lightning_repair.layers import prunable_layers
-from lightning_repair.masks import compute_masks
+from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+from lightning_repair.pipeline import check_running_stats, load_calibration
 from lightning_repair.repair import describe, parse_recipe
 
 from helpers import (
     TINY_NETWORK,
     calibrated_dense,
     pipeline_config,
+    plain_accuracy,
     read_metrics,
     run_dir,
     run_fit,
     save_dense_checkpoint,
     write_config,
 )
+
+
+@pytest.fixture(autouse=True)
+def raise_errors(monkeypatch):
+    """Errors reach the tests as exceptions (the console script would print one line)."""
+    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
+
 
 LAYER_FIELDS = {"name", "role", "shape", "numel", "kept", "density", "rr", "d_raw", "d_res"}
 PHASES = {"calibration_forward", "allocation", "masking", "repair", "evaluation"}
@@ -79,12 +92,22 @@ def test_no_training_step_runs(finished):
     assert finished.trainer.fit_loop.epoch_loop.batch_progress.total.ready == 0
 
 
-def test_accuracies_are_finite_fractions_with_top5(finished):
-    accuracy, top5 = finished.metrics["accuracy"], finished.metrics["accuracy_top5"]  # 10 classes: top-5 reported
-    assert set(top5) == set(accuracy)
-    for name, top1 in accuracy.items():
-        assert math.isfinite(top1) and 0 <= top1 <= 1
-        assert math.isfinite(top5[name]) and top1 <= top5[name] <= 1
+def test_accuracies_equal_a_plain_count_over_the_test_set(finished):
+    """Dense, pruned and repaired top-1/top-5 as metrics.json reports them, recounted image by image."""
+    metrics = finished.metrics
+    dense = calibrated_dense()
+    keep = {row["name"]: row["kept"] for row in metrics["layers"]}
+    models = {
+        "dense": dense,
+        "pruned": apply_masks(copy.deepcopy(dense), compute_masks(dense, keep)),
+        "repaired": load_weights(Network(**TINY_NETWORK).build(), run_dir(finished.root) / "repaired.pt"),
+    }
+    test_set = build_datasets("synthetic")[1]
+    for name, model in models.items():
+        top1, top5 = plain_accuracy(model, test_set)
+        assert metrics["accuracy"][name] == pytest.approx(top1, abs=1e-12), name
+        assert metrics["accuracy_top5"][name] == pytest.approx(top5, abs=1e-12), name
+    assert metrics["test_samples"] == len(test_set)
 
 
 def test_saved_model_is_plain_masked_and_loads_with_weights_only(finished):
@@ -160,8 +183,27 @@ def test_checkpoint_that_does_not_fit_is_refused_listing_keys(tmp_path, checkpoi
     assert not (run_dir(tmp_path) / "metrics.json").exists()
 
 
-def test_calibration_set_smaller_than_a_batch_is_refused(tmp_path, dense_checkpoint):
-    config = write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint))
-    with pytest.raises(ValueError, match=r"data\.calibration_size=16 is smaller than one batch \(data\.batch_size=32"):
-        run_fit(config, "--data.calibration_size", "16")
-    assert not (run_dir(tmp_path) / "metrics.json").exists()
+def test_calibration_set_smaller_than_a_batch_is_one_batch():
+    dm = ImageDataModule(dataset="synthetic", calibration_size=16, batch_size=32, augment=False)
+    (batch,) = load_calibration(dm, "cpu")
+    assert batch.shape == (16, 3, 16, 16)
+    assert torch.equal(batch, torch.stack([dm.calibration_set[i] for i in range(16)]))
+
+
+def test_batchnorm_without_running_statistics_is_refused_naming_it():
+    model = calibrated_dense()
+    model.layer2[1].bn1 = torch.nn.BatchNorm2d(16, track_running_stats=False)
+    with pytest.raises(ValueError, match=r"BatchNorm 'layer2\.1\.bn1' has no running statistics"):
+        check_running_stats(model)
+    check_running_stats(calibrated_dense())  # the plain model passes
+
+
+def test_hparams_view_without_framework_keys_or_hp_metric(finished):
+    events = EventAccumulator(str(run_dir(finished.root)))
+    events.Reload()
+    assert "hp_metric" not in events.Tags()["scalars"]
+    content = events.PluginTagToContent("hparams")
+    hparams = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert "sparsity" in hparams and "data.calibration_size" in hparams
+    assert not [key for key in hparams if key.startswith("_") or "._" in key]
+    assert not [key for key in (*finished.metrics["config"], *finished.metrics["data_config"]) if key.startswith("_")]

@@ -144,7 +144,7 @@ def test_identical_models_are_evaluated_once(monkeypatch, dense):
     assert len(calls) == 2
 
 
-def test_interrupted_sweep_resumes_without_losing_or_repeating_a_row(grid_sweep, tmp_path, monkeypatch):
+def test_interrupted_sweep_resumes_without_losing_or_repeating_a_row(grid_sweep, tmp_path, monkeypatch, capsys):
     _, checkpoint, complete = grid_sweep
     config = sweep_config(tmp_path, checkpoint, GRID)
     calls = []
@@ -157,14 +157,16 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_a_row(grid_sweep,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sweep, "prune_and_repair", failing_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as interrupted:
         sweep.main(["--config", str(config)])
+    assert interrupted.value.code == 130 and "lightning-repair-sweep: interrupted" in capsys.readouterr().err
     first = results(tmp_path)
     assert [row_key(r) for r in first] == [row_key(r) for r in complete[:2]]
 
     calls.clear()
     monkeypatch.setattr(sweep, "prune_and_repair", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
     sweep.main(["--config", str(config)])
+    assert "resuming the sweep" in (err := capsys.readouterr().err) and "2 of 4 cells are already in results.csv" in err
     resumed = results(tmp_path)
     assert calls == [(0.9, Allocation("lamp")), (0.95, Allocation("lamp"))]  # only the missing cells
     assert resumed[:2] == first  # finished rows are kept as they were, timings included
@@ -202,13 +204,14 @@ def test_sigkilled_sweep_resumes(grid_sweep, tmp_path):
     assert [row_key(r) for r in results(tmp_path)] == [row_key(r) for r in complete]
 
 
-def test_resuming_into_another_architectures_results_is_refused(grid_sweep, tmp_path):
+def test_resuming_into_another_architectures_results_is_refused(grid_sweep, tmp_path, capsys):
     root, _, _ = grid_sweep
     network = Network(arch="resnet18", num_classes=10, in_channels=3, width=0.25)
     torch.save(network.build().state_dict(), tmp_path / "wide.pt")
     config = pipeline_config(root, tmp_path / "wide.pt", network=vars(network)) | {"output": str(root / "sweep")}
-    with pytest.raises(ValueError, match=r"different network\.width"):
+    with pytest.raises(SystemExit) as info:
         sweep.main(["--config", str(write_config(tmp_path / "wide.yaml", config))])
+    assert info.value.code == 1 and "different network.width" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -239,9 +242,23 @@ def test_bad_grid_values_are_rejected(grid, message):
 
 def test_bad_grid_values_give_a_command_line_error(tmp_path, capsys):
     config = sweep_config(tmp_path, tmp_path / "never_loaded.pt", {"allocations": ["erk", "magnitude"]})
-    with pytest.raises(SystemExit, match=r"lightning-repair-sweep: error: grid.allocations\[1\]"):
-        sweep.main(["--config", str(config)])
-    with pytest.raises(SystemExit):  # out-of-range values fail in the parser, with its own message
-        sweep.main(["--config", str(config), "--grid.allocations", "[erk]", "--grid.sparsities", "[0.9, 1.0]"])
-    assert "1.0 does not conform to restriction" in capsys.readouterr().err
+    for flags, message in [
+        ([], "grid.allocations[1]: allocation.method: unknown method 'magnitude'"),
+        (["--grid.allocations", "[erk]", "--grid.sparsities", "[0.9, 1.0]"], "1.0 does not conform to restriction"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            sweep.main(["--config", str(config), *flags])
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if line.startswith("lightning-repair-sweep")]
+        assert info.value.code == 2 and line.startswith("lightning-repair-sweep: error: ") and message in line
+        assert "Traceback" not in err and "usage:" not in err
     assert not (tmp_path / "sweep").exists()  # nothing ran
+
+
+def test_figure_draws_error_bars_only_for_a_spread_over_seeds(grid_sweep):
+    _, _, rows = grid_sweep
+    one_sparsity = [r for r in rows if r["sparsity"] == 0.9]
+    bars = lambda fig: [c.has_yerr for ax in fig.axes for c in ax.containers]  # noqa: E731
+    assert bars(sweep.plot(one_sparsity)) == [False, False]  # one seed: no empty error-bar glyphs
+    second_seed = [r | {"seed": 1, "acc_repaired": r["acc_repaired"] + 0.1} for r in one_sparsity]
+    assert bars(sweep.plot(one_sparsity + second_seed)) == [True, True]
