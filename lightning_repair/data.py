@@ -136,7 +136,7 @@ def find_fashion_mnist(data_dir: str | Path, download: bool) -> Path:
     )
 
 
-def _transforms(info: DatasetInfo, train: bool) -> v2.Compose:
+def _transforms(info: DatasetInfo, train: bool, rgb: bool = False) -> v2.Compose:
     steps: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     big = info.image_size >= 64
     if big:
@@ -147,15 +147,18 @@ def _transforms(info: DatasetInfo, train: bool) -> v2.Compose:
         steps += [v2.RandomCrop(info.image_size, padding=info.image_size // 8)]
     if train:
         steps.append(v2.RandomHorizontalFlip())
+    if rgb:  # the grayscale channel repeated, for models with an RGB stem
+        steps.append(v2.Grayscale(num_output_channels=3))
     steps.append(v2.Normalize(info.mean, info.std))
     return v2.Compose(steps)
 
 
 def build_datasets(
     name: str, data_dir: str | Path = "data", download: bool = False, augment: bool = False,
-    synthetic_sizes: Sequence[int] = (512, 257), synthetic_shape: Sequence[int] | None = None,
+    synthetic_sizes: Sequence[int] = (512, 257), synthetic_shape: Sequence[int] | None = None, rgb: bool = False,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:  # fmt: skip
-    """Labeled (train, test) datasets and their info; ``augment`` applies to train only.
+    """Labeled (train, test) datasets and their info; ``augment`` applies to train only; ``rgb`` gives a grayscale
+    dataset's images as 3 equal channels.
 
     ``synthetic_shape`` (num_classes, in_channels, image_size) gives the synthetic dataset another
     dataset's shape, e.g. to smoke-test a config written for it.
@@ -172,6 +175,8 @@ def build_datasets(
         test = SyntheticImages(synthetic_sizes[1], info.num_classes, info.in_channels, info.image_size, seed=1)
         return train, test, info
     if name == "fashion_mnist":
+        if rgb:
+            info = DatasetInfo(info.num_classes, 3, info.image_size, info.mean * 3, info.std * 3)
         folder = find_fashion_mnist(root, download)
         info = replace(info, location=str(folder))
         splits = []
@@ -179,7 +184,7 @@ def build_datasets(
             images = torch.from_numpy(_read_idx(folder / img).copy()).unsqueeze(1)
             labels = torch.from_numpy(_read_idx(folder / lab).astype(np.int64))
             random = augment and split == "train"
-            splits.append(TensorImages(images, labels, _transforms(info, random), random))
+            splits.append(TensorImages(images, labels, _transforms(info, random, rgb), random))
         return splits[0], splits[1], info
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100

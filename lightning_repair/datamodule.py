@@ -29,6 +29,7 @@ class ImageDataModule(pl.LightningDataModule):
         augment: random crop and flip on the training split (dense training only).
         synthetic_shape: (num_classes, in_channels, image_size) of dataset=synthetic, to mimic another
             dataset's shape (default 10 classes of 3x16x16 images).
+        rgb: give a grayscale dataset's images as 3 equal channels, for models with an RGB stem (torchvision's).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: NonNegativeInt = 0,
         augment: bool = True,
         synthetic_shape: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None,
+        rgb: bool = False,
     ):
         super().__init__()
         if not isinstance(dataset, str) or dataset not in DATASETS:
@@ -67,7 +69,7 @@ class ImageDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         self.train_set, self.test_set, self.info = build_datasets(
-            hp.dataset, hp.data_dir, hp.download, hp.augment, synthetic_shape=hp.synthetic_shape
+            hp.dataset, hp.data_dir, hp.download, hp.augment, synthetic_shape=hp.synthetic_shape, rgb=hp.rgb
         )
         location = self.info.location
         if location is not None and not Path(location).resolve().is_relative_to(Path(hp.data_dir).resolve()):
@@ -81,7 +83,9 @@ class ImageDataModule(pl.LightningDataModule):
             self.setup()
             hp = self.hparams
             plain_train = (
-                build_datasets(hp.dataset, hp.data_dir, False, augment=False, synthetic_shape=hp.synthetic_shape)[0]
+                build_datasets(
+                    hp.dataset, hp.data_dir, False, augment=False, synthetic_shape=hp.synthetic_shape, rgb=hp.rgb
+                )[0]
                 if hp.augment
                 else self.train_set
             )

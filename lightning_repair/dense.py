@@ -11,7 +11,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from torchmetrics.classification import MulticlassAccuracy
 
 from .layers import prunable_layers
-from .models import Network
+from .models import Network, NetworkSpec, build_network, output_classes
 from .regularizers import var_penalty, wcr_penalty
 
 
@@ -19,7 +19,8 @@ class DenseClassifier(pl.LightningModule):
     """Supervised training with SGD + momentum and optional VAR/WCR regularizers.
 
     Args:
-        network: the architecture to train.
+        network: the architecture to train: a built-in one by name (``{arch: resnet18, ...}``) or any nn.Module by
+            class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {num_classes: 10}}``).
         lr: peak learning rate.
         momentum: SGD momentum (Nesterov).
         weight_decay: L2 weight decay.
@@ -31,7 +32,7 @@ class DenseClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        network: Network = Network(),  # noqa: B008 (read-only default)
+        network: NetworkSpec = Network(),  # noqa: B008 (read-only default)
         lr: PositiveFloat = 0.1,
         momentum: NonNegativeFloat = 0.9,
         weight_decay: NonNegativeFloat = 5e-4,
@@ -42,10 +43,11 @@ class DenseClassifier(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = network.build()
+        self.model = build_network(network)
         self.weights = [layer.module.weight for layer in prunable_layers(self.model)]
-        self.train_acc = MulticlassAccuracy(network.num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(network.num_classes, average="micro")
+        classes = output_classes(self.model)
+        self.train_acc = MulticlassAccuracy(classes, average="micro")
+        self.val_acc = MulticlassAccuracy(classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -1,6 +1,12 @@
-"""Model zoo and dense-weight loading.
+"""Network specs, the built-in model zoo and dense-weight loading.
 
-Every builder keeps torchvision's parameter names (``conv1``, ``layer1.0.bn1``,
+``model.network`` is a ``NetworkSpec``: any importable ``nn.Module`` given the LightningCLI way
+(``{class_path: torchvision.models.MobileNetV2, init_args: {num_classes: 10}}``, which jsonargparse
+turns into a callable that builds the module), or one of the five built-in architectures by name
+(``{arch: resnet18, ...}``, the ``Network`` dataclass). ``build_network`` builds a fresh model from
+either, or from its config form as recorded in metrics.json.
+
+Every built-in builder keeps torchvision's parameter names (``conv1``, ``layer1.0.bn1``,
 ``features.0``, ``fc``/``classifier``) so torchvision checkpoints load as they
 are, and takes ``num_classes``, ``in_channels``, ``stem`` ("cifar": 3x3 stride-1
 stem without max-pool, for 28-32 px images; "imagenet": torchvision's stem) and a
@@ -9,13 +15,15 @@ stem without max-pool, for 28-32 px images; "imagenet": torchvision's stem) and 
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from jsonargparse import ArgumentParser, set_parsing_settings
 from torch import nn
 from torchvision.models import densenet
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
@@ -165,6 +173,66 @@ class Network:
         return ARCHITECTURES[self.arch](
             num_classes=self.num_classes, in_channels=self.in_channels, stem=self.stem, width=self.width
         )
+
+
+NetworkSpec = Network | Callable[[], nn.Module]
+
+# jsonargparse parses a pure dataclass in a Union with a class type wrongly (a class_path dict loses its
+# class_path); as a subclass-enabled type, ``{arch: ...}`` is Network's implicit class_path and a
+# ``{class_path: ...}`` of an nn.Module goes to the callable.
+set_parsing_settings(subclasses_enabled=[Network])
+
+
+def build_network(spec: NetworkSpec | Mapping[str, Any]) -> nn.Module:
+    """A freshly built model from a network spec or its config form (``network_config``)."""
+    if isinstance(spec, Mapping):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--network", type=NetworkSpec)
+        spec = parser.instantiate(parser.parse_object({"network": dict(spec)})).network
+    if isinstance(spec, Network):
+        return spec.build()
+    if not callable(spec):
+        raise TypeError(f"model.network must be a Network or a callable that builds an nn.Module, got {spec!r}")
+    model = spec()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model.network built a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def network_config(spec: NetworkSpec | Mapping[str, Any]) -> dict[str, Any] | str:
+    """The spec as config data that ``build_network`` rebuilds: a shortcut's fields, a class_path spec as given.
+    A callable given in Python has no config form; it is named instead."""
+    if isinstance(spec, Network):
+        return asdict(spec)
+    if isinstance(spec, Mapping):
+        if _imported(spec.get("class_path")) is Network:  # the CLI's form of a shortcut
+            return asdict(Network(**spec.get("init_args", {})))
+        return dict(spec)
+    return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}"
+
+
+def _imported(class_path: str | None):
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """Channels the model's first Conv2d takes (None without one)."""
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def output_classes(model: nn.Module) -> int:
+    """Classes the model predicts: the outputs of its last Linear, or of its last Conv2d when it has no Linear
+    (a fully convolutional classifier), in registration order."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)] or [
+        m for m in model.modules() if isinstance(m, nn.Conv2d)
+    ]
+    if not last:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to read the number of classes from")
+    return last[-1].out_features if isinstance(last[-1], nn.Linear) else last[-1].out_channels
 
 
 class CheckpointMismatchError(RuntimeError):

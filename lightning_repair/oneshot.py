@@ -48,6 +48,22 @@ class OneShotResult:
         return 1 - sum(r["kept"] for r in self.layers) / sum(r["numel"] for r in self.layers)
 
 
+BN_SITES = frozenset({"bn", "block"})  # BatchNorm layers, and residual sums (corrected through their BN operand)
+
+
+def check_operators_fit(model: nn.Module, recipe: Sequence[Operator]) -> None:
+    """Refuse operators that act only at BatchNorm layers when the model has none (they would silently do
+    nothing), naming the model and the operators; operators with another site (classifier, layers) run."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    bn_only = [op.op for op in recipe if op.sites and op.sites <= BN_SITES]
+    if bn_only:
+        raise ValueError(
+            f"{type(model).__name__} has no BatchNorm layer, so repair operator(s) {', '.join(bn_only)} cannot run "
+            "(they correct BatchNorm statistics); operators that need none: classifier_refit, reconstruct"
+        )
+
+
 def prune_and_repair(
     dense: nn.Module,
     calibration: Sequence[torch.Tensor],
@@ -66,6 +82,7 @@ def prune_and_repair(
     allocation. ``dense`` is left untouched. Masks are checked after the repair: a pruned
     weight that is not exactly zero is an error, never a silently denser model.
     """
+    check_operators_fit(dense, recipe)
     timings: dict[str, float] = {}
     if keep is None:
         with timed(timings, "allocation"):

@@ -25,8 +25,8 @@ from .datamodule import ImageDataModule
 from .diagnostics import DEFAULT_GRID, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
-from .models import Network, load_weights
-from .oneshot import prune_and_repair, timed
+from .models import NetworkSpec, build_network, input_channels, load_weights, network_config, output_classes
+from .oneshot import check_operators_fit, prune_and_repair, timed
 from .repair import describe, parse_recipe
 
 Sparsity = restricted_number_type("Sparsity", float, [(">=", 0.0), ("<", 1.0)])
@@ -36,7 +36,8 @@ class PruneRepairModule(pl.LightningModule):
     """Prune a dense checkpoint one-shot and repair it from unlabeled calibration images.
 
     Args:
-        network: the checkpoint's architecture.
+        network: the checkpoint's architecture: a built-in one by name (``{arch: resnet18, ...}``) or any nn.Module
+            by class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {...}}``).
         checkpoint: dense weights (Lightning checkpoint, state_dict or torchvision layout).
         sparsity: target global sparsity over prunable weights, in [0, 1).
         allocation: a method name (uniform, global, erk, lamp, rr, erk_rr) or a dict with options.
@@ -50,7 +51,7 @@ class PruneRepairModule(pl.LightningModule):
 
     def __init__(
         self,
-        network: Network,
+        network: NetworkSpec,
         checkpoint: str,
         sparsity: Sparsity = 0.95,
         allocation: str | Allocation = "lamp",
@@ -62,8 +63,6 @@ class PruneRepairModule(pl.LightningModule):
         # the CLI's types check these too; repeated for the Python API
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"model.sparsity must be a number in [0, 1), got {sparsity!r}")
-        if not isinstance(network, Network):
-            raise TypeError(f"model.network must be a Network, got {type(network).__name__}")
         self.save_hyperparameters()
         self.allocation = allocation if isinstance(allocation, Allocation) else Allocation(method=allocation)
         self.recipe = parse_recipe(repair)  # validate before any work starts
@@ -71,7 +70,8 @@ class PruneRepairModule(pl.LightningModule):
         if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
             raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
         self.network = network
-        self.model = network.build()
+        self.model = build_network(network)
+        check_operators_fit(self.model, self.recipe)  # before any data is read
         self.results: dict[str, Any] = {}
         self.report = None  # the RepairReport of the last run
         self.profile: RRProfile | None = None  # the dense model's RR profile, when rr_grid asks for one
@@ -125,7 +125,7 @@ class PruneRepairModule(pl.LightningModule):
             "test_samples": result.repaired["samples"],
             "world_size": world,
             "state_sha256": replica_digest(self.model),
-            "config": _plain(init_args(self)),
+            "config": _plain(init_args(self) | {"network": network_config(hp.network)}),  # rebuildable
             "data_config": _plain(init_args(dm)),
             "data_location": dm.info.location,
         }
@@ -191,15 +191,17 @@ class PruneRepairModule(pl.LightningModule):
         )
 
 
-def load_dense(network: Network, checkpoint: str, dm: ImageDataModule, device: torch.device | str) -> nn.Module:
+def load_dense(network: NetworkSpec, checkpoint: str, dm: ImageDataModule, device: torch.device | str) -> nn.Module:
     """The dense model in eval mode on ``device``, once it is known to fit the datamodule's dataset."""
     dm.setup("fit")
-    if (dm.info.num_classes, dm.info.in_channels) != (network.num_classes, network.in_channels):
+    model = build_network(network)
+    channels, classes = input_channels(model), output_classes(model)
+    if (dm.info.num_classes, dm.info.in_channels) != (classes, channels or dm.info.in_channels):
         raise ValueError(
-            f"model.network has num_classes={network.num_classes}, in_channels={network.in_channels} but dataset "
+            f"model.network ({type(model).__name__}) has num_classes={classes}, in_channels={channels} but dataset "
             f"{dm.hparams.dataset!r} has num_classes={dm.info.num_classes}, in_channels={dm.info.in_channels}"
+            + (" (data.rgb: true repeats a grayscale channel for an RGB stem)" if channels == 3 else "")
         )
-    model = network.build()
     check_running_stats(model)
     return load_weights(model, checkpoint).to(device).eval()
 

@@ -66,7 +66,7 @@ from .datamodule import ImageDataModule
 from .diagnostics import rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_bytes, atomic_write_json
-from .models import Network
+from .models import NetworkSpec, network_config
 from .oneshot import OneShotResult, prune_and_repair, timed
 from .pipeline import PruneRepairModule, Sparsity, init_args, load_calibration, load_dense
 from .repair import Operator, parse_recipe
@@ -235,10 +235,10 @@ def row_key(row: dict) -> Key:
     return tuple(row[k] for k in KEY)
 
 
-def check_identity(output: Path, network: Network, dm: ImageDataModule) -> None:
+def check_identity(output: Path, network: NetworkSpec | dict, dm: ImageDataModule) -> None:
     """Refuse to resume into a folder whose results come from another architecture or dataset."""
     data = {k: v for k, v in init_args(dm).items() if k not in EXECUTION_ONLY}
-    identity = json.loads(json.dumps({"network": asdict(network), "data": data}))
+    identity = json.loads(json.dumps({"network": network_config(network), "data": data}))
     path = output / IDENTITY
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -289,7 +289,7 @@ def with_calibration_seed(dm: ImageDataModule, seed: int) -> ImageDataModule:
 
 
 def run_sweep(
-    network: Network,
+    network: NetworkSpec | dict,
     dm: ImageDataModule,
     cells: list[Cell],
     output: Path,
@@ -500,7 +500,8 @@ def sweep(args: list[str] | None = None) -> None:
     output = Path(cli.config.output)
     model, dm = cli.model, cli.datamodule
     cells = grid_cells(cli.config_init.grid, model, dm)
-    rows = run_sweep(model.network, dm, cells, output, trainer.strategy.root_device, cli.parser.dump(cli.config))
+    network = model.hparams.network  # the config form: it names the architecture in sweep.json
+    rows = run_sweep(network, dm, cells, output, trainer.strategy.root_device, cli.parser.dump(cli.config))
     print(report(rows, output))
     print(f"\n{len(rows)} cells in {output / RESULTS}; figure {output / PLOT}; table {output / TABLE}")
 
