@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lightning_repair import PruneRepairModule
-from lightning_repair.callbacks import RepairLogger, rr_heatmap
+from lightning_repair.callbacks import RepairLogger, heatmap_figure, rr_heatmap
 from lightning_repair.diagnostics import DEFAULT_GRID
 from lightning_repair.layers import prunable_layers
 from lightning_repair.models import Network
@@ -182,3 +182,31 @@ def test_heatmap_marks_undefined_cells_and_allocated_sparsity():
     grey = (image == 204).all(2)  # matplotlib's "0.8" grey for undefined cells
     red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)  # the allocated-sparsity dots
     assert grey.sum() > 100 and red.sum() > 10
+
+
+def test_heatmap_axis_is_numeric_and_every_marker_inside_it():
+    profile = {"grid": [0.5, 0.7, 0.9, 0.97, 0.99], "layers": [{"name": n, "rr": [0.1] * 5} for n in "abc"]}
+    rows = [{"name": "a", "density": 1.0}, {"name": "b", "density": 0.05}, {"name": "c", "density": 0.0}]
+    ax = heatmap_figure(profile, rows).axes[0]
+    width = lambda lo, hi: np.diff(ax.transData.transform([(lo, 0), (hi, 0)])[:, 0])[0]  # noqa: E731
+    assert width(0.0, 0.9) == pytest.approx(width(0.9, 0.99))  # a decade of density each: numeric, not categories
+    assert width(0.97, 0.99) != pytest.approx(width(0.5, 0.7), rel=0.1)
+    markers = {c.get_label(): c.get_offsets() for c in ax.collections if c.get_label() in ("allocated sparsity",
+               "pruned entirely")}  # fmt: skip
+    assert markers["allocated sparsity"][:, 0].tolist() == pytest.approx([0.0, 0.95])  # a dense layer at 0
+    assert markers["pruned entirely"][:, 1].tolist() == [2]
+    low, high = ax.get_xlim()
+    assert all(low < x < high for points in markers.values() for x in points[:, 0])  # drawn, not clipped
+
+
+def test_failed_run_leaves_no_empty_run_folder(tmp_path, dense_checkpoint, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
+    config = write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint))
+    with pytest.raises(FileNotFoundError):
+        run_fit(config, "--model.checkpoint", str(tmp_path / "nowhere.pt"))
+    assert not run_dir(tmp_path).exists()
+
+    run_fit(config)  # a folder holding a finished run's results is kept when a later run in it fails
+    with pytest.raises(FileNotFoundError):
+        run_fit(config, "--model.checkpoint", str(tmp_path / "nowhere.pt"))
+    assert (run_dir(tmp_path) / "metrics.json").is_file() and (run_dir(tmp_path) / "repaired.pt").is_file()

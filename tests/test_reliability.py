@@ -21,22 +21,32 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lightning_repair import PruneRepairModule
-from lightning_repair.allocation import ALLOCATIONS, Allocation
+from lightning_repair.allocation import ALLOCATIONS, Allocation, Override, allocate
+from lightning_repair.data import build_datasets
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import mask_violations
-from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network
+from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network, load_weights
+from lightning_repair.pipeline import state_digest
 from lightning_repair.repair import PRESETS, repair
 
 from helpers import (
+    TINY_NETWORK,
     calibrated_dense,
     leftover_temp_files,
     pipeline_config,
+    plain_accuracy,
     pruned_copy,
     read_metrics,
     run_dir,
     run_fit,
     write_config,
 )
+
+
+@pytest.fixture(autouse=True)
+def raise_errors(monkeypatch):
+    """Errors reach the tests as exceptions (the console script prints one line: tests/test_cli.py)."""
+    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
 
 
 def nothing_written(root) -> bool:
@@ -252,7 +262,10 @@ def test_run_killed_during_repair_leaves_nothing_partial_and_reruns(tmp_path, de
     assert nothing_written(tmp_path)
 
     run_fit(config)
-    assert read_metrics(tmp_path)["accuracy"]["repaired"] >= 0
+    metrics = read_metrics(tmp_path)  # the rerun's results are complete and describe the model it wrote
+    repaired = load_weights(Network(**TINY_NETWORK).build(), run_dir(tmp_path) / "repaired.pt")
+    assert metrics["state_sha256"] == state_digest(repaired.state_dict())
+    assert metrics["accuracy"]["repaired"] == pytest.approx(plain_accuracy(repaired, build_datasets("synthetic")[1])[0])
     assert leftover_temp_files(tmp_path) == []
 
 
@@ -465,3 +478,23 @@ def test_fuzz_image_data_module_arguments(tmp_path, args):
         next(iter(dm.evaluation_dataloader()))
 
     assert_refused_clearly_or_accepted(build, words)
+
+
+# ----------------------------------------------------------------------------- allocation edge cases
+
+
+@pytest.mark.parametrize("method", ["uniform", "global", "erk", "lamp"])
+def test_zero_budget_for_the_free_layers_empties_them(method):
+    """Every layer but fc forced (dense or to a set sparsity) so that the target leaves fc exactly nothing:
+    feasible, so fc is emptied (as a forced sparsity of 1 would), and the target is met exactly."""
+    model = calibrated_dense()
+    numels = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d,
+              torch.nn.Linear))}  # fmt: skip
+    total, kept_by_forced = sum(numels.values()), sum(numels.values()) - numels["fc"]
+    keep = allocate(model, 1 - kept_by_forced / total, Allocation(method, keep_dense=["(?!fc$).*"]))
+    assert keep["fc"] == 0
+    assert sum(keep.values()) == kept_by_forced
+    with pytest.raises(ValueError, match="unreachable"):  # one weight fewer than the forced layers keep
+        allocate(model, 1 - (kept_by_forced - 1) / total, Allocation(method, keep_dense=["(?!fc$).*"]))
+    with pytest.raises(ValueError, match="unreachable"):  # fc capped to 10%: cannot hold what the target asks
+        allocate(model, 0.0, Allocation(method, overrides=[Override("fc", max_density=0.1)]))
