@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_repair import data
+from lightning_repair import data, datamodule
 from lightning_repair.data import (
     CalibrationImages,
     SyntheticImages,
@@ -29,9 +29,8 @@ def test_synthetic_shapes_labels_and_determinism():
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert isinstance(label, int) and 0 <= label < 10
     again, _, _ = build_datasets("synthetic", synthetic_sizes=(40, 13))
-    for i in (0, 5, 39):
+    for i in (39, 5, 0):  # generated on the fly from the index alone: the same whatever the order of access
         assert torch.equal(train[i][0], again[i][0]) and train[i][1] == again[i][1]
-        assert torch.equal(train[i][0], train[i][0])  # generated on the fly, same every time
     # train and test are different draws
     assert not torch.equal(train[0][0], test[0][0])
     # several classes occur, and images of one class share their prototype (learnable signal)
@@ -220,3 +219,24 @@ def test_fashion_mnist_datamodule_calibration_is_unlabeled(tmp_path, monkeypatch
 def test_synthetic_dataset_class_directly():
     ds = SyntheticImages(size=4, num_classes=3, channels=1, image_size=8, seed=5)
     assert len(ds) == 4 and ds[0][0].shape == (1, 8, 8) and ds[3][1] in (0, 1, 2)
+
+
+def test_fallback_to_the_system_copy_is_announced_and_recorded(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    system.mkdir()
+    _write_fashion_mnist(system, n_train=2, n_test=2)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    messages = []
+    monkeypatch.setattr(datamodule, "rank_zero_info", messages.append)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dm = ImageDataModule(dataset="fashion_mnist", data_dir=str(empty), calibration_size=2, augment=False)
+    dm.setup()
+    assert dm.info.location == str(system)
+    (message,) = messages
+    assert str(empty) in message and str(system) in message
+
+    messages.clear()  # found in data_dir itself: nothing to announce
+    local = ImageDataModule(dataset="fashion_mnist", data_dir=str(system), calibration_size=2, augment=False)
+    local.setup()
+    assert local.info.location == str(system) and messages == []
