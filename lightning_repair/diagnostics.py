@@ -1,18 +1,25 @@
 """Relative Repairability (RR, arXiv 2605.25508): how much of a layer's pruning damage a channel-wise repair undoes.
 
-For prunable layer l at sparsity s, on calibration inputs taken from the dense network (DESIGN.md section 4):
+For prunable layer l at sparsity s, on calibration inputs taken from the dense network (docs/methods.md):
 
     D_raw(l, s) = ||Y_p - Y_d||^2 / ||Y_d||^2
-    D_res(l, s) = sum_c min_{a_c, b_c} ||a_c Y_p,c + b_c - Y_d,c||^2 / ||Y_d||^2
+    D_res(l, s) = sum_c ||g_c (Y_p,c - mean_p,c) + mean_d,c - Y_d,c||^2 / ||Y_d||^2
     RR(l, s)    = D_res / D_raw          (0: fully repairable, 1: the repair recovers nothing)
 
 Y_d is the dense layer's output, Y_p the same layer's output on the same (dense) input with a magnitude mask
-keeping numel - round(s * numel) weights, ||Y_d||^2 the uncentered energy over all channels and positions.
-Both follow in closed form from per-channel moments of (P, Y_d), where P = Y_p - bias is the output of the
-kept weights alone: ||Y_p - Y_d||^2 expands into them, and the least-squares residual of Y_d on (Y_p, 1) per
-channel is var_d - cov_pd^2 / var_p (var_d when P is constant, e.g. a channel with no weight left). Computing P
-directly keeps the high-sparsity end exact (a dead channel's P is exactly 0); the price is float32 cancellation
-in D_raw when it is tiny (relative error ~1e-7 / D_raw, negligible at the sparsities RR is for).
+keeping numel - round(s * numel) weights, ||Y_d||^2 the uncentered energy over all channels and positions. The
+repair shifts each channel onto the dense mean and scales it by g_c, which ``repair`` chooses (``rr_repair``):
+
+- ``vm`` (the paper's channel-wise variance matching, the default): g_c = sqrt(var_d / var_p), residual
+  n * 2 var_d (1 - rho_c) per channel: above var_d when rho_c < 0, where the repair amplifies noise;
+- ``ls``: the least-squares affine fit, residual n (var_d - cov_pd^2 / var_p) = n var_d (1 - rho_c^2);
+- ``asr``: the gain of the ``asr`` repair (variance matching shrunk toward the layer gain with weight rho_c^2).
+
+A constant P (no weight left, or none seeing a live input) leaves n var_d under every repair. All follow in closed
+form from per-channel moments of (P, Y_d), where P = Y_p - bias is the output of the kept weights alone:
+||Y_p - Y_d||^2 expands into them. Computing P directly keeps the high-sparsity end exact (a dead channel's P is
+exactly 0); the price is float32 cancellation in D_raw when it is tiny (relative error ~1e-7 / D_raw, negligible
+at the sparsities RR is for).
 
 One pass of the dense network serves every layer and sparsity: a forward hook on each prunable layer
 evaluates the layer's kept weights at every grid sparsity on its input right away and folds the result into
@@ -21,7 +28,7 @@ the moments, so nothing is stored across batches and the cost is about len(grid)
 is the same on 1 or N processes however the calibration set is split.
 
 Undefined values are NaN in the tensors and None in JSON rows: every value of a layer whose dense output has
-zero energy, and RR where D_raw is 0 (pruning changed nothing, e.g. the removed weights were already zero).
+zero energy, and RR where pruning removes nothing but zeros (D_raw and D_res are exactly 0 there).
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import PrunableLayer, prunable_layers
+from .repair import VarianceMatching
 from .stats import Moments
+
+RR_REPAIRS = ("vm", "ls", "asr")
 
 DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
@@ -63,6 +73,7 @@ class RRProfile:
     d_res: torch.Tensor  # (layers, grid)
     d_res_empty: torch.Tensor  # (layers,) D_res with every weight removed: the output is the bias, repair = means
     samples: int  # calibration images over all processes
+    repair: str = "vm"  # the channel-wise repair behind D_res (RR_REPAIRS)
     keep: list[int] | None = None  # per layer, the keep counts evaluated besides the grid (a run's allocation)
     keep_d_raw: torch.Tensor | None = None  # (layers,)
     keep_d_res: torch.Tensor | None = None  # (layers,)
@@ -127,6 +138,7 @@ def rr_profile(
     batches: Iterable[torch.Tensor],
     grid: Sequence[float] = DEFAULT_GRID,
     keep: dict[str, int] | None = None,
+    repair: str = "vm",
 ) -> RRProfile:
     """The RR profile of ``model`` (dense) from one streaming pass over unlabeled ``batches``.
 
@@ -135,7 +147,10 @@ def rr_profile(
         batches: calibration image tensors (this process's shard under DDP).
         grid: sparsities in (0, 1) at which every prunable layer is measured.
         keep: optional keep count per layer name, measured in the same pass (a run's chosen allocation).
+        repair: the channel-wise repair behind D_res: ``vm`` (the paper's), ``ls`` or ``asr``.
     """
+    if repair not in RR_REPAIRS:
+        raise ValueError(f"rr_repair: {repair!r} is not one of {RR_REPAIRS}")
     grid = check_grid(grid)
     layers = prunable_layers(model)
     if keep is not None:
@@ -160,12 +175,13 @@ def rr_profile(
             "per-channel statistics, above all the classifier's, are noisy",
             stacklevel=2,
         )
-    damage = [_damage(m, len(ks), layer.module.bias) for m, ks, layer in zip(moments, keeps, layers, strict=True)]
+    damage = [_damage(m, len(ks), layer.module.bias, repair)
+              for m, ks, layer in zip(moments, keeps, layers, strict=True)]  # fmt: skip
     d_raw, d_res, d_res_empty = ([t.cpu() for t in values] for values in zip(*damage, strict=True))
     d_raw, d_res = torch.stack(d_raw), torch.stack(d_res)
-    # a layer that keeps every weight takes no damage: exactly 0, not the rounding of the expanded moments
-    dense = torch.tensor([[k == layer.numel for k in ks] for ks, layer in zip(keeps, layers, strict=True)])
-    d_raw[dense & ~d_raw.isnan()], d_res[dense & ~d_res.isnan()] = 0.0, 0.0
+    # pruning that removes only zeros does no damage: exactly 0 (RR undefined), not the rounding of the moments
+    untouched = torch.tensor([_removes_only_zeros(layer.module.weight, ks) for ks, layer in zip(keeps, layers, strict=True)])
+    d_raw[untouched & ~d_raw.isnan()], d_res[untouched & ~d_res.isnan()] = 0.0, 0.0
     s = len(grid)
     return RRProfile(
         grid=grid,
@@ -175,6 +191,7 @@ def rr_profile(
         d_res=d_res[:, :s],
         d_res_empty=torch.stack(d_res_empty),
         samples=samples,
+        repair=repair,
         keep=None if keep is None else [keep[layer.name] for layer in layers],
         keep_d_raw=None if keep is None else d_raw[:, s],
         keep_d_res=None if keep is None else d_res[:, s],
@@ -195,6 +212,12 @@ def magnitude_ranks(weight: torch.Tensor) -> torch.Tensor:
     order = torch.sort(weight.detach().abs().flatten(), descending=True, stable=True).indices
     ranks = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return ranks.view_as(weight)
+
+
+def _removes_only_zeros(weight: torch.Tensor, keeps: list[int]) -> list[bool]:
+    """Per keep count k, whether every weight outside the k largest magnitudes is exactly zero."""
+    magnitudes = torch.sort(weight.detach().abs().flatten(), descending=True).values
+    return [k >= len(magnitudes) or bool(magnitudes[k] == 0) for k in keeps]
 
 
 def _keep_count(numel: int, sparsity: float) -> int:
@@ -230,8 +253,9 @@ def _stream(
     unseen = [layer.name for layer, m in zip(layers, totals, strict=True) if m is None]
     if unseen:
         raise ValueError(f"no calibration data reached layers {unseen} (an empty loader, or layers forward skips)")
+    # reduce first, then check: a NaN on one rank reaches every rank, which all raise the same error
     moments = [
-        m.check_finite(f"RR profile of {layer.name}").all_reduce() for layer, m in zip(layers, totals, strict=True)
+        m.all_reduce().check_finite(f"RR profile of {layer.name}") for layer, m in zip(layers, totals, strict=True)
     ]
     return moments, _global_sum(images, moments[0].count.device)
 
@@ -282,7 +306,7 @@ def _global_sum(value: int, device: torch.device) -> int:
     return value
 
 
-def _damage(m: Moments, k: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _damage(m: Moments, k: int, bias: torch.Tensor | None, repair: str) -> tuple[torch.Tensor, ...]:
     """D_raw (k,), D_res (k,) and D_res with every weight removed, from the stacked moments of (P, Y_d)."""
     sums, grams, cov = m.sums.view(2, k, -1), m.grams.view(2, 2, k, -1), m.cov.view(2, 2, k, -1)
     b = torch.zeros_like(sums[0, 0]) if bias is None else bias.detach().double().to(sums.device)
@@ -293,10 +317,15 @@ def _damage(m: Moments, k: int, bias: torch.Tensor | None) -> tuple[torch.Tensor
     # the uncentered float32 sums carry relative rounding ~1e-7: a variance below 1e-6 of the second moment
     # cannot be told from 0, and a constant P (no weight left, or none seeing a live input) leaves var_d
     constant = var_p <= 1e-6 * grams[0, 0] / m.count
-    explained = (cov_pd.square() / var_p.clamp_min(1e-300)).clamp(max=var_d)  # rounding never beats the fit
-    residual = torch.where(constant, var_d, var_d - explained) * m.count
+    if repair == "ls":
+        residual = var_d - (cov_pd.square() / var_p.clamp_min(1e-300)).clamp(max=var_d)  # rounding never beats the fit
+    else:
+        op = VarianceMatching(shrinkage="adaptive" if repair == "asr" else "none")
+        g = op.correction(var_p, var_d, cov_pd, sums[0] / m.count, sums[1] / m.count)[0]
+        residual = (g.square() * var_p - 2 * g * cov_pd + var_d).clamp_min(0)
+    residual = torch.where(constant, var_d, residual) * m.count
     undefined = energy <= 0
-    d_raw = torch.where(undefined, math.nan, error.clamp_min(0).sum(1) / energy)
+    d_raw = torch.where(undefined, math.nan, error.sum(1).clamp_min(0) / energy)
     d_res = torch.where(undefined, math.nan, residual.sum(1) / energy)
     d_res_empty = torch.where(undefined[0], math.nan, var_d[0].sum() * m.count / energy[0])
     return d_raw, d_res, d_res_empty

@@ -93,7 +93,9 @@ def prune_and_repair(
     with timed(timings, "evaluation"):
         pruned = evaluate(model, "evaluate pruned")
     with timed(timings, "repair"):
-        report = repair(model, dense, calibration, recipe, progress=progress and (lambda it: progress(it, "repair")))
+        report = repair(model, dense, calibration, recipe, progress=progress and (lambda it: progress(it, "repair")),
+                        masks=masks)  # fmt: skip
+    masks = report.masks or masks  # reconstruction may re-select masks from its statistics (same counts)
     violations = mask_violations(model, masks)
     if violations:
         raise RuntimeError(f"repair broke the masks (non-zero pruned weights): {violations}")

@@ -183,10 +183,11 @@ class VarianceMatching(SiteHooks):
         A channel is dead when its variance is indistinguishable from zero at float32 precision
         relative to its second moment (a constant channel, however large its mean).
         """
+        total = lambda t: t.sum(-1, keepdim=True)  # noqa: E731  (the site's layer gain: over the last dim, channels)
         if self.estimator == "vm":
-            g_channel, g_layer = _ratio_sqrt(var_d, var_p), _ratio_sqrt(var_d.sum(), var_p.sum())
+            g_channel, g_layer = _ratio_sqrt(var_d, var_p), _ratio_sqrt(total(var_d), total(var_p))
         else:
-            g_channel, g_layer = _ratio(cov_pd, var_p), _ratio(cov_pd.sum(), var_p.sum())
+            g_channel, g_layer = _ratio(cov_pd, var_p), _ratio(total(cov_pd), total(var_p))
         alive = var_p > _DEAD_RELATIVE * (var_p + mean_p.square()) + _EPS_VAR
         if self.granularity == "layer":
             g = g_layer.expand_as(g_channel)

@@ -79,8 +79,9 @@ def layer_outputs(model: nn.Module, name: str, batches) -> torch.Tensor:
     return y.transpose(0, 1).reshape(y.shape[1], -1)
 
 
-def brute_force(model: nn.Module, batches, grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune one layer in a copy, run the whole model, fit a_c * Y_p + b_c to Y_d per channel with lstsq."""
+def brute_force(model: nn.Module, batches, grid, repair: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one layer in a copy, run the whole model, repair each channel of its output explicitly: ``vm`` scales
+    the centred pruned channel by std_d / std_p and adds the dense mean, ``ls`` fits a_c * Y_p + b_c with lstsq."""
     layers, pruned = prunable_layers(model), copy.deepcopy(model)
     d_raw, d_res = torch.empty(len(layers), len(grid)), torch.empty(len(layers), len(grid))
     for i, layer in enumerate(layers):
@@ -91,28 +92,42 @@ def brute_force(model: nn.Module, batches, grid) -> tuple[torch.Tensor, torch.Te
             with torch.no_grad():  # the only pruned layer of the copy
                 pruned.get_submodule(layer.name).weight.copy_(layer.module.weight * mask)
             y_p = layer_outputs(pruned, layer.name, batches)
-            design = torch.stack([y_p, torch.ones_like(y_p)], -1)  # (C, positions, 2)
-            fit = torch.linalg.lstsq(design, y_d.unsqueeze(-1), driver="gelsd").solution
+            if repair == "ls":
+                design = torch.stack([y_p, torch.ones_like(y_p)], -1)  # (C, positions, 2)
+                fit = torch.linalg.lstsq(design, y_d.unsqueeze(-1), driver="gelsd").solution
+                repaired = (design @ fit).squeeze(-1)
+            else:
+                std_p, std_d = y_p.std(1, unbiased=False, keepdim=True), y_d.std(1, unbiased=False, keepdim=True)
+                gain = torch.where(std_p > 1e-6 * y_p.abs().mean(1, keepdim=True), std_d / std_p, 1.0)
+                repaired = gain * (y_p - y_p.mean(1, keepdim=True)) + y_d.mean(1, keepdim=True)
             d_raw[i, j] = (y_p - y_d).square().sum() / energy
-            d_res[i, j] = (design @ fit - y_d.unsqueeze(-1)).square().sum() / energy
+            d_res[i, j] = (repaired - y_d).square().sum() / energy
         with torch.no_grad():
             pruned.get_submodule(layer.name).weight.copy_(layer.module.weight)
     return d_raw, d_res
 
 
+@pytest.mark.parametrize("repair", ["vm", "ls"])
 @pytest.mark.parametrize("kind", ["resnet", "odd"])
-def test_profile_equals_brute_force(kind, batches):
+def test_profile_equals_brute_force(kind, repair, batches):
     model = calibrated_dense() if kind == "resnet" else odd_model()
-    profile = rr_profile(model, batches, GRID)
-    d_raw, d_res = brute_force(model, batches, GRID)
+    profile = rr_profile(model, batches, GRID, repair=repair)
+    d_raw, d_res = brute_force(model, batches, GRID, repair)
     assert profile.layers == [layer.name for layer in prunable_layers(model)]
-    assert profile.grid == list(GRID) and profile.samples == 32
+    assert profile.grid == list(GRID) and profile.samples == 32 and profile.repair == repair
     torch.testing.assert_close(profile.d_raw, d_raw.double(), rtol=1e-4, atol=0)
-    torch.testing.assert_close(profile.d_res, d_res.double(), rtol=1e-4, atol=0)
-    torch.testing.assert_close(profile.rr, d_res.double() / d_raw.double(), rtol=2e-4, atol=0)
-    assert ((profile.rr > 0) & (profile.rr <= 1 + 1e-9)).all()  # a = 1, b = 0 is one of the fits
-    # every weight gone: the output is the bias and the best repair the channel means, which any fit beats
-    assert (profile.d_res_empty >= profile.d_res.max(1).values - 1e-9).all()
+    torch.testing.assert_close(profile.d_res, d_res.double(), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(profile.rr, d_res.double() / d_raw.double(), rtol=2e-4, atol=1e-12)
+    if repair == "ls":  # a = 1, b = 0 is one of the fits; every weight gone leaves the channel means, which any fit beats
+        assert ((profile.rr > 0) & (profile.rr <= 1 + 1e-9)).all()
+        assert (profile.d_res_empty >= profile.d_res.max(1).values - 1e-9).all()
+
+
+def test_variance_matching_residual_is_the_least_squares_residual_times_two_over_one_plus_rho(dense, batches):
+    """Per channel, 2 var_d (1 - rho) = var_d (1 - rho^2) * 2 / (1 + rho): vm never beats ls."""
+    vm, ls = (rr_profile(dense, batches, GRID, repair=r) for r in ("vm", "ls"))
+    assert (vm.d_res >= ls.d_res - 1e-12).all()
+    assert (vm.d_res > 1.05 * ls.d_res).any()
 
 
 def test_float32_statistics_hold_when_the_mean_dwarfs_the_spread(dense, batches):
@@ -218,6 +233,24 @@ def test_zero_energy_layer_and_no_damage_are_undefined_not_nan():
     json.dumps(rows, allow_nan=False)  # never NaN in JSON
     assert math.isnan(profile.rr_at("0", 108, 0.9)) and math.isnan(profile.rr_at("1", 16, 0.9))
     assert profile.damage_curve("0", 108)[1] == [0.0] * len(profile.damage_curve("0", 108)[1])
+
+
+@pytest.mark.parametrize("repair", ["vm", "ls"])
+def test_removing_only_zero_weights_is_no_damage(repair):
+    """A Conv, a Linear with bias and one without, each with 60% of its weights already zero: at sparsity 0.5 the
+    mask removes only zeros, so D_raw and D_res are exactly 0 and RR is undefined (None), not ~1 from rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 14 * 14, 8, bias=False),
+                          nn.ReLU(), nn.Linear(8, 3))  # fmt: skip
+    with torch.no_grad():
+        for layer in (model[0], model[2], model[4]):
+            w = layer.weight.view(-1)
+            w[torch.randperm(w.numel())[: int(0.6 * w.numel())]] = 0
+            w.mul_(100)  # large weights: rounding of the expanded moments would show
+    profile = rr_profile(model.eval(), [torch.randn(8, 3, 16, 16) + 3], (0.5, 0.9), repair=repair)
+    for row in profile.rows():
+        assert row["d_raw"][0] == row["d_res"][0] == 0.0 and row["rr"][0] is None, row["name"]
+        assert row["d_raw"][1] > 0 and row["rr"][1] is not None, row["name"]
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.5", True])

@@ -1,0 +1,152 @@
+"""Layer-wise reconstruction against brute force: per output row, torch.linalg.lstsq on explicitly built patches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_repair.masks import mask_violations
+from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
+from lightning_repair.repair import PRESETS, Reconstruct, repair
+
+from helpers import pruned_copy
+
+
+def explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(N, out_h, out_w, in_channels, kh, kw) by looping over output positions: no unfold, no F.pad shortcuts."""
+    mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+    ph, pw = conv.padding
+    x = nn.functional.pad(x, (pw, pw, ph, ph), mode=mode[conv.padding_mode])
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = torch.empty(x.shape[0], out_h, out_w, x.shape[1], kh, kw, dtype=x.dtype)
+    for i in range(out_h):
+        for j in range(out_w):
+            rows[:, i, j] = x[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+    return rows
+
+
+def brute_force(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor, damping: float):
+    """Per output row o: ridge least squares of y[:, o] on the kept patch entries of its group (plus a constant)."""
+    patches = explicit_patches(conv, x)
+    per_group_in, per_group_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    weight, bias = torch.zeros_like(conv.weight), torch.zeros(conv.out_channels, dtype=x.dtype)
+    for o in range(conv.out_channels):
+        g = o // per_group_out
+        design = patches[..., g * per_group_in : (g + 1) * per_group_in, :, :].reshape(-1, conv.weight[0].numel())
+        full_gram = design.T @ design
+        kept = mask[o].flatten()
+        a = design[:, kept]
+        target = y[:, o].reshape(-1)
+        lam = damping * full_gram.diagonal().mean()
+        if conv.bias is not None:  # the intercept is not damped: centre, solve, recover it
+            mean_a, mean_t = a.mean(0), target.mean()
+            a_c, t_c = a - mean_a, target - mean_t
+            w = torch.linalg.solve(a_c.T @ a_c + lam * torch.eye(a.shape[1], dtype=x.dtype), a_c.T @ t_c)
+            bias[o] = mean_t - mean_a @ w
+        else:
+            w = torch.linalg.lstsq(torch.cat([a, lam.sqrt() * torch.eye(a.shape[1], dtype=x.dtype)]),
+                                   torch.cat([target, torch.zeros(a.shape[1], dtype=x.dtype)])).solution  # fmt: skip
+        weight[o].view(-1)[kept] = w
+    return weight, bias
+
+
+CONVS = {
+    "stride_padding_bias": dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1, bias=True),
+    "groups": dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2, bias=False),
+    "depthwise_dilation": dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2, groups=4,
+                               bias=True),  # fmt: skip
+    "reflect_rectangular": dict(in_channels=2, out_channels=3, kernel_size=(3, 1), padding=(1, 0),
+                                padding_mode="reflect", bias=False),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONVS))
+def test_conv_reconstruction_equals_per_row_least_squares(kind):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**CONVS[kind]).double()
+    target_conv = copy.deepcopy(conv)  # the "dense" layer: its outputs are the targets
+    mask = torch.rand_like(conv.weight) < 0.5
+    mask.view(conv.out_channels, -1)[:, 0] = True  # every row keeps something
+    x = torch.randn(6, conv.in_channels, 7, 8, dtype=torch.float64)
+    x_pruned = x + 0.3 * torch.randn_like(x)  # the pruned network's input differs from the dense one
+    y = target_conv(x).detach()
+    chunks_x, chunks_y = list(x_pruned.split(4)), list(y.split(4))
+    stats = layer_statistics(conv, chunks_x, chunks_y)
+    reconstruct_layer(conv, stats, mask, damping=0.01)
+    ref_w, ref_b = brute_force(conv, mask, x_pruned, y, damping=0.01)
+    torch.testing.assert_close(conv.weight.detach(), ref_w, rtol=1e-7, atol=1e-9)
+    if conv.bias is not None:
+        torch.testing.assert_close(conv.bias.detach(), ref_b, rtol=1e-7, atol=1e-9)
+    assert (conv.weight[~mask] == 0).all()
+
+
+def test_linear_reconstruction_with_bias_equals_least_squares():
+    torch.manual_seed(1)
+    linear = nn.Linear(5, 3).double()
+    mask = torch.tensor([[1, 0, 1, 0, 1], [0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    x = torch.randn(40, 5, dtype=torch.float64)
+    y = torch.randn(40, 3, dtype=torch.float64)
+    reconstruct_layer(linear, layer_statistics(linear, [x[:25], x[25:]], [y[:25], y[25:]]), mask, damping=0.0)
+    for o in range(3):  # damping 0 (floored at 1e-9): plain least squares with an intercept
+        design = torch.cat([x[:, mask[o]], torch.ones(40, 1, dtype=torch.float64)], 1)
+        solution = torch.linalg.lstsq(design, y[:, o]).solution
+        torch.testing.assert_close(linear.weight[o, mask[o]].detach(), solution[:-1], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(linear.bias[o].detach(), solution[-1], rtol=1e-6, atol=1e-8)
+
+
+def test_dead_inputs_and_rank_deficient_gram_stay_finite():
+    """Two input channels always zero and two identical: H is singular; the damping makes the solve well posed."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 3, 3, padding=1, bias=False).double()
+    x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
+    x[:, 0] = 0
+    x[:, 1] = x[:, 2]
+    y = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    mask = torch.ones_like(conv.weight, dtype=torch.bool)
+    reconstruct_layer(conv, layer_statistics(conv, [x], [y]), mask, damping=0.01)
+    assert torch.isfinite(conv.weight).all()
+    assert (conv.weight[:, 0] == 0).all()  # a dead input gets weight exactly 0 under ridge
+
+
+def test_fewer_rows_than_unknowns_warns():
+    linear = nn.Linear(20, 2, bias=True)
+    x, y = torch.randn(8, 20), torch.randn(8, 2)
+    with pytest.warns(UserWarning, match="8 calibration rows for up to 20 unknowns"):
+        reconstruct_layer(linear, layer_statistics(linear, [x], [y]), torch.ones(2, 20, dtype=torch.bool), 0.01)
+    assert torch.isfinite(linear.weight).all()
+
+
+@pytest.mark.filterwarnings("ignore:reconstruction of fc")  # 32 tiny calibration images, on purpose
+@pytest.mark.parametrize("mask_rule", ["magnitude", "wanda", "obs"])
+def test_reconstruct_preset_holds_masks_and_beats_bn_recalibration(dense, batches, mask_rule):
+    """Every layer re-solved: masks hold exactly (re-selected ones keep each layer's count), and the output is
+    closer to the dense output than BN recalibration alone leaves it."""
+    pruned, masks = pruned_copy(dense, 0.9)
+    recal = copy.deepcopy(pruned)
+    report = repair(pruned, dense, batches, [Reconstruct(mask=mask_rule)], masks=masks)
+    repair(recal, dense, batches, "bn_recalibration")
+    final = report.masks or masks
+    assert mask_violations(pruned, final) == {}
+    assert {k: int(v.sum()) for k, v in final.items()} == {k: int(v.sum()) for k, v in masks.items()}
+    assert (report.masks is None) == (mask_rule == "magnitude")
+    if mask_rule != "magnitude":
+        assert any(not torch.equal(final[k], masks[k]) for k in masks)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        target = dense(x)
+        errors = [(m(x) - target).square().mean() for m in (pruned, recal)]
+    assert errors[0] < 0.5 * errors[1], errors
+    assert len(report.layer_sites) == len(masks)
+
+
+def test_reconstruct_preset_is_one_walk():
+    assert [op["op"] for op in PRESETS["reconstruct"]] == ["reconstruct"]
+    with pytest.raises(ValueError, match="reconstruct.damping"):
+        Reconstruct(damping=-1)
+    with pytest.raises(ValueError, match="reconstruct.mask"):
+        Reconstruct(mask="random")
