@@ -1,14 +1,15 @@
 """Wall time of an N-cell sweep against the same N cells as separate ``lightning-repair fit`` runs.
 
-    python benchmarks/sweep_cost.py [--config configs/quickstart.yaml] [--allocations lamp]
-        [--sparsities 0.95 0.97] [--repairs bn_recalibration asr default]
+    .venv/bin/python benchmarks/sweep_cost.py [--config configs/quickstart.yaml] [--allocations lamp]
+        [--sparsities 0.95 0.97] [--repairs bn_recalibration asr default] [--output runs/benchmarks/sweep_cost.csv]
 
 Both run as a user would, from the command line, on the config's data and checkpoint. The fit runs skip
 what a sweep does not do (RR profile, model export, TensorBoard: ``--model.rr_grid null
 --model.save_model false --trainer.logger false``), so the difference is the work the sweep shares: one
 process, the dense model, the calibration batches and the dense accuracy loaded or measured once, and
 one evaluation per distinct (pruned or repaired) model. Every fit run's accuracies must equal the
-sweep's row for its cell. Writes benchmarks/results/sweep_cost.csv.
+sweep's row for its cell. Writes ``--output`` (default runs/benchmarks/sweep_cost.csv, untracked); the
+tracked copy benchmarks/results/sweep_cost.csv is updated only when given as ``--output``.
 """
 
 import argparse
@@ -21,13 +22,13 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-RESULTS = Path(__file__).parent / "results" / "sweep_cost.csv"
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--config", default="configs/quickstart.yaml")
 parser.add_argument("--allocations", nargs="+", default=["lamp"])
 parser.add_argument("--sparsities", nargs="+", type=float, default=[0.95, 0.97])
 parser.add_argument("--repairs", nargs="+", default=["bn_recalibration", "asr", "default"])
+parser.add_argument("--output", type=Path, default=Path("runs/benchmarks/sweep_cost.csv"), help="the CSV to write")
 args = parser.parse_args()
 cells = [(a, s, r) for a in args.allocations for s in args.sparsities for r in args.repairs]
 
@@ -68,10 +69,10 @@ with tempfile.TemporaryDirectory() as tmp:
             if swept != accuracy[phase]:
                 sys.exit(f"{allocation} {sparsity} {recipe}: fit {phase} {accuracy[phase]} != sweep {swept}")
 
-RESULTS.parent.mkdir(parents=True, exist_ok=True)
-with open(RESULTS, "w", newline="") as f:
+args.output.parent.mkdir(parents=True, exist_ok=True)
+with open(args.output, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["cells", "sweep_s", "separate_fit_runs_s", "speedup"])
     writer.writerow([len(cells), f"{sweep_s:.1f}", f"{fit_s:.1f}", f"{fit_s / sweep_s:.2f}"])
 print(f"\n{len(cells)} cells: one sweep {sweep_s:.0f} s, {len(cells)} fit runs {fit_s:.0f} s "
-      f"({fit_s / sweep_s:.1f}x); identical accuracies. Wrote {RESULTS}")  # fmt: skip
+      f"({fit_s / sweep_s:.1f}x); identical accuracies. Wrote {args.output}")  # fmt: skip

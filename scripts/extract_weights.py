@@ -1,6 +1,7 @@
 """Extract the network weights of a Lightning checkpoint as a plain state_dict (how the shipped checkpoint is made).
 
-python scripts/extract_weights.py lightning_logs/<run>/checkpoints/<best>.ckpt checkpoints/<name>.pt
+.venv/bin/python scripts/extract_weights.py lightning_logs/<run>/checkpoints/<best>.ckpt checkpoints/<name>.pt
+(the venv's Python, or any Python after `source .venv/bin/activate`: the script imports lightning_repair)
 """
 
 import argparse
