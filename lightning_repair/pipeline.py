@@ -188,6 +188,7 @@ class PruneRepairModule(pl.LightningModule):
             + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
             + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
             + f"\nwrote {log_dir / 'metrics.json'}"
+            + "".join(f", {Path(res['export'][k]).name}" for k in ("state_dict", "sparse") if "export" in res)
         )
 
 

@@ -134,7 +134,7 @@ def test_only_working_subcommands_are_offered(capsys, config_path, subcommand):
 def test_evaluate_an_exported_model(tmp_path, config_path, capsys):
     run_fit(config_path)
     accuracy = read_metrics(tmp_path)["accuracy"]["repaired"]
-    capsys.readouterr()
+    assert "metrics.json, repaired.pt, repaired.sparse.pt" in capsys.readouterr().out  # where the results went
     for name in ("repaired.pt", "repaired.sparse.pt"):
         main(["evaluate", "--config", str(config_path), "--weights", str(run_dir(tmp_path) / name)])
         assert f"top-1 {accuracy:.4f}" in capsys.readouterr().out
