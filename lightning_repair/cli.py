@@ -167,7 +167,11 @@ class FrameworkNoise(logging.Filter):
     """Hides the Python warnings and Lightning log lines that start with one of the hidden prefixes, while
     ``hidden`` is active and ``LIGHTNING_REPAIR_VERBOSE`` is unset."""
 
-    LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    LOGGERS = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+    )
 
     def __init__(self):
         super().__init__()
