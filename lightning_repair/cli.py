@@ -38,7 +38,7 @@ from .repair import PRESETS
 TRACEBACK_ENV = "LIGHTNING_REPAIR_TRACEBACK"
 VERBOSE_ENV = "LIGHTNING_REPAIR_VERBOSE"
 
-# Lightning messages hidden in every run: neither is about the user's run or config.
+# Lightning messages hidden in every run: none is about the user's run or config.
 ANY_RUN = (
     "💡 Tip:",  # advertisements for Lightning's logging and model-registry services
     "`isinstance(treespec, LeafSpec)` is deprecated",  # Lightning's own code calling torch's pytree API
@@ -78,8 +78,8 @@ class RepairCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # validate/test/predict need steps that neither PruneRepairModule (its work is done in fit) nor
-        # DenseClassifier's training (validated every epoch) has; `lightning-repair evaluate` tests an exported model
+        # validate/test/predict have nothing to run for PruneRepairModule (its work is done in fit), a dense
+        # model's validation runs every training epoch, and `lightning-repair evaluate` tests an exported model
         return {"fit": LightningCLI.subcommands()["fit"]}
 
     def init_parser(self, **kwargs):
