@@ -189,7 +189,7 @@ def allocate(
     for rule in allocation.rules:
         match = _selector(rule.select)
         selected = [layer for layer in layers if match(layer)]
-        if not selected:
+        if not selected and not rule.select.startswith("role:"):  # a role may be absent (no projection in MobileNet)
             names = ", ".join(layer.name for layer in layers[:8]) + (" ..." if len(layers) > 8 else "")
             raise ValueError(f"selector {rule.select!r} matches no prunable layer; layers are: {names}")
         for layer in selected:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
 ROLES = ("first", "classifier", "projection", "depthwise", "conv", "linear")
-_PROJECTION_NAME = re.compile(r"(downsample|shortcut|projection)")
+# a 1x1 conv on a residual block's shortcut: ResNet's downsample, RegNet's proj, other libraries' shortcut
+_PROJECTION_NAME = re.compile(r"(^|\.)(downsample|shortcut|proj|projection)(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,15 @@ def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """Every Conv2d and Linear weight in registration order, with its role.
 
     Roles: ``first`` (the first conv), ``classifier`` (the last Linear), ``projection``
-    (1x1 convs on a shortcut/downsample path), ``depthwise`` (groups == in_channels > 1),
-    else ``conv`` or ``linear``.
+    (1x1 convs on a shortcut/downsample path, by module name), ``depthwise`` (groups == in_channels > 1),
+    else ``conv`` or ``linear`` (grouped convs included: their weight is (out, in/groups, kh, kw)).
+    Other weighted layers (Conv1d/3d, transposed convs) are not pruned, and a warning names them.
     """
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    unpruned = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and n not in dict(found)]
+    if unpruned:
+        warnings.warn(f"{type(model).__name__}: {', '.join(unpruned)} stay dense (only Conv2d and Linear are pruned)",
+                      stacklevel=2)  # fmt: skip
     if not found:
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
     first_conv = next((n for n, m in found if isinstance(m, nn.Conv2d)), None)

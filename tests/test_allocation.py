@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.nn.utils import prune
+from torchvision.models.resnet import Bottleneck
 
 from lightning_repair.allocation import (
     ALLOCATIONS,
@@ -150,6 +152,24 @@ def test_erk_equals_rigl_reference(arch):
             if layer.name in dense:
                 assert keep[layer.name] == layer.numel
     assert resolved  # the re-solve path was exercised
+
+
+def test_erk_scores_grouped_and_depthwise_weights_by_their_actual_shape():
+    """MobileNetV2's depthwise convs hold (C, 1, 3, 3) weights and ResNeXt's grouped ones (C, C/groups, 3, 3): ERK's
+    densities on those shapes equal rigl's, whose masks have the weights' shapes too."""
+    torch.manual_seed(0)
+    for model in (
+        torchvision.models.MobileNetV2(width_mult=0.25),
+        torchvision.models.ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4),
+    ):
+        layers = prunable_layers(model)
+        grouped = [layer for layer in layers if isinstance(layer.module, nn.Conv2d) and layer.module.groups > 1]
+        assert grouped and all(layer.shape[1] == layer.module.in_channels // layer.module.groups for layer in grouped)
+        total = sum(layer.numel for layer in layers)
+        keep = allocate(model, 0.9, Allocation("erk"))
+        densities, _ = rigl_erk_densities({layer.name: layer.shape for layer in layers}, round(0.1 * total) / total)
+        for layer in layers:
+            assert abs(keep[layer.name] - densities[layer.name] * layer.numel) < 1, layer.name
 
 
 # ---------------------------------------------------------------- LAMP: Lee et al. 2021
@@ -377,6 +397,31 @@ def test_depthwise_role_and_no_prunable_layer():
     assert [layer.role for layer in prunable_layers(model)] == ["first", "depthwise", "classifier"]
     with pytest.raises(ValueError, match="no Conv2d or Linear"):
         prunable_layers(nn.Sequential(nn.ReLU()))
+
+
+def test_prunable_layer_roles_on_torchvision_families():
+    mobilenet = {layer.name: layer.role for layer in prunable_layers(torchvision.models.MobileNetV2(width_mult=0.25))}
+    assert mobilenet["features.0.0"] == "first" and mobilenet["classifier.1"] == "classifier"
+    assert sum(role == "depthwise" for role in mobilenet.values()) == 17  # one per inverted-residual block
+    assert "projection" not in mobilenet.values()  # its 1x1 "project" convs are not on a shortcut
+    regnet = {layer.name: layer.role for layer in prunable_layers(torchvision.models.regnet_y_400mf())}
+    assert regnet["trunk_output.block1.block1-0.proj.0"] == "projection"  # RegNet's shortcut conv
+    assert regnet["trunk_output.block1.block1-0.f.b.0"] == "conv"  # grouped 3x3, not depthwise
+    assert regnet["trunk_output.block1.block1-0.f.se.fc1"] == "conv"  # squeeze-excitation 1x1
+
+
+def test_role_absent_from_the_model_is_not_an_error_but_a_regex_matching_nothing_is():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+    keep = allocate(model, 0.5, Allocation("erk", overrides=[Override("role:projection", max_density=0.1)]))
+    assert sum(keep.values()) == round(0.5 * (216 + 16))
+    with pytest.raises(ValueError, match="matches no prunable layer"):
+        allocate(model, 0.5, Allocation("erk", overrides=[Override("proj.*", max_density=0.1)]))
+
+
+def test_weighted_layers_that_are_not_pruned_are_named():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 3))
+    with pytest.warns(UserWarning, match=r"0, 2 stay dense"):
+        assert [layer.name for layer in prunable_layers(model)] == ["1"]
 
 
 def test_format_table_lists_layers_and_global_sparsity():

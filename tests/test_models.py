@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+from dataclasses import asdict
 
 import pytest
 import torch
 import torchvision
+from test_data import _write_fashion_mnist
 
-from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network, load_weights, read_state_dict
+from lightning_repair import data as data_module
+from lightning_repair.datamodule import ImageDataModule
+from lightning_repair.models import (
+    ARCHITECTURES,
+    VGG,
+    CheckpointMismatchError,
+    Network,
+    ResNet,
+    build_network,
+    input_channels,
+    load_weights,
+    network_config,
+    output_classes,
+    read_state_dict,
+)
+from lightning_repair.pipeline import load_dense
 
 
 def small(arch: str = "resnet18", **kw) -> torch.nn.Module:
@@ -197,3 +215,58 @@ def test_width_scales_channels():
     assert narrow.conv1.out_channels == 16 and wide.conv1.out_channels == 32
     assert narrow.fc.in_features == 128 and wide.fc.in_features == 256
     assert Network(arch="resnet50", width=0.25).build().fc.in_features == 512  # Bottleneck expansion 4
+
+
+# ---------------------------------------------------------------- any nn.Module: network specs
+
+MOBILENET = {"class_path": "torchvision.models.MobileNetV2", "init_args": {"num_classes": 7, "width_mult": 0.25}}
+
+
+def test_build_network_from_every_form_of_spec():
+    shortcut = build_network(Network(arch="resnet18", width=0.125, num_classes=7))
+    assert isinstance(shortcut, ResNet) and shortcut.fc.out_features == 7
+    assert isinstance(build_network({"arch": "vgg16_bn", "width": 0.125}), VGG)  # metrics.json's form of a shortcut
+    model = build_network(MOBILENET)
+    assert isinstance(model, torchvision.models.MobileNetV2)
+    assert (input_channels(model), output_classes(model)) == (3, 7)
+    assert isinstance(build_network(lambda: torch.nn.Linear(2, 3)), torch.nn.Linear)  # a callable, from Python
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        build_network(lambda: "resnet")
+    with pytest.raises(TypeError, match="must be a Network or a callable"):
+        build_network(42)
+
+
+def test_network_config_rebuilds_the_same_architecture():
+    for spec in (Network(arch="resnet18", width=0.125), MOBILENET):
+        config = network_config(spec)
+        assert json.loads(json.dumps(config)) == config  # plain data
+        a, b = build_network(spec).state_dict(), build_network(config).state_dict()
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    # the CLI's form of a shortcut is recorded as the shortcut's fields
+    cli_form = {"class_path": "lightning_repair.Network", "init_args": {"arch": "resnet34"}}
+    assert network_config(cli_form) == asdict(Network(arch="resnet34"))
+
+
+def test_output_classes_of_a_fully_convolutional_classifier():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 5, 1), torch.nn.AdaptiveAvgPool2d(1))
+    assert (input_channels(model), output_classes(model)) == (1, 5)
+    with pytest.raises(ValueError, match="number of classes"):
+        output_classes(torch.nn.ReLU())
+
+
+def test_rgb_stem_on_grayscale_data(tmp_path, monkeypatch):
+    """data.rgb gives a grayscale image as 3 equal channels; without it the channel mismatch is named."""
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    _write_fashion_mnist(tmp_path)
+    network = {"class_path": "torchvision.models.MobileNetV2", "init_args": {"num_classes": 10, "width_mult": 0.25}}
+    checkpoint = tmp_path / "mobilenet.pt"
+    torch.save(build_network(network).state_dict(), checkpoint)
+    gray = ImageDataModule("fashion_mnist", data_dir=str(tmp_path), augment=False, calibration_size=2)
+    with pytest.raises(ValueError, match=r"in_channels=3 but dataset 'fashion_mnist' has .*in_channels=1.*data.rgb"):
+        load_dense(network, str(checkpoint), gray, "cpu")
+    rgb = ImageDataModule("fashion_mnist", data_dir=str(tmp_path), augment=False, calibration_size=2, rgb=True)
+    model = load_dense(network, str(checkpoint), rgb, "cpu")
+    image, _ = rgb.test_set[0]
+    assert image.shape[0] == 3 and torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    assert torch.equal(image[:1], gray.test_set[0][0])  # the same normalised channel, repeated
+    assert model(image[None]).shape == (1, 10)
