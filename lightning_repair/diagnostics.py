@@ -180,7 +180,9 @@ def rr_profile(
     d_raw, d_res, d_res_empty = ([t.cpu() for t in values] for values in zip(*damage, strict=True))
     d_raw, d_res = torch.stack(d_raw), torch.stack(d_res)
     # pruning that removes only zeros does no damage: exactly 0 (RR undefined), not the rounding of the moments
-    untouched = torch.tensor([_removes_only_zeros(layer.module.weight, ks) for ks, layer in zip(keeps, layers, strict=True)])
+    untouched = torch.tensor(
+        [_removes_only_zeros(layer.module.weight, ks) for ks, layer in zip(keeps, layers, strict=True)]
+    )
     d_raw[untouched & ~d_raw.isnan()], d_res[untouched & ~d_res.isnan()] = 0.0, 0.0
     s = len(grid)
     return RRProfile(

@@ -10,7 +10,7 @@ import hashlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .allocation import PROFILE_METHODS, Allocation, allocate, format_table
 from .callbacks import DiscardFailedRun
 from .datamodule import ImageDataModule
-from .diagnostics import DEFAULT_GRID, RRProfile, check_grid, rr_profile
+from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
 from .models import NetworkSpec, build_network, input_channels, load_weights, network_config, output_classes
@@ -47,6 +47,8 @@ class PruneRepairModule(pl.LightningModule):
         rr_grid: sparsities of the per-layer RR profile (docs/methods.md), which also adds D_raw, D_res
             and RR at each layer's allocated sparsity to metrics.json; null or [] turns it off unless the
             allocation (rr, erk_rr) needs it. Costs about len(rr_grid) + 2 dense calibration passes.
+        rr_repair: the channel-wise repair behind D_res and RR: ``vm`` (variance matching, the RR paper's),
+            ``ls`` (least-squares affine fit) or ``asr`` (the asr preset's shrunk gain).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class PruneRepairModule(pl.LightningModule):
         repair: str | list[dict[str, Any]] = "default",
         save_model: bool = True,
         rr_grid: tuple[float, ...] | None = DEFAULT_GRID,
+        rr_repair: Literal["vm", "ls", "asr"] = "vm",
     ):
         super().__init__()
         # the CLI's types check these too; repeated for the Python API
@@ -67,6 +70,8 @@ class PruneRepairModule(pl.LightningModule):
         self.allocation = allocation if isinstance(allocation, Allocation) else Allocation(method=allocation)
         self.recipe = parse_recipe(repair)  # validate before any work starts
         self.rr_grid = check_grid(rr_grid or [])
+        if rr_repair not in RR_REPAIRS:
+            raise ValueError(f"model.rr_repair: {rr_repair!r} is not one of {RR_REPAIRS}")
         if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
             raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
         self.network = network
@@ -149,16 +154,15 @@ class PruneRepairModule(pl.LightningModule):
         profile = None
         if needs_profile:
             with timed(timings, "rr"):
-                profile = rr_profile(dense, calibration, self.rr_grid)
+                profile = rr_profile(dense, calibration, self.rr_grid, repair=self.hparams.rr_repair)
         with timed(timings, "allocation"):
             keep = allocate(dense, sparsity, self.allocation, profile=profile)
         if not self.rr_grid:
             return keep, None, {}
         with timed(timings, "rr"):
-            if needs_profile:
-                measured = rr_profile(dense, calibration, grid=(), keep=keep)
-            else:
-                profile = measured = rr_profile(dense, calibration, self.rr_grid, keep=keep)
+            grid = () if needs_profile else self.rr_grid
+            measured = rr_profile(dense, calibration, grid, keep=keep, repair=self.hparams.rr_repair)
+            profile = profile if needs_profile else measured
         at_allocation = {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
         return keep, profile, at_allocation
 

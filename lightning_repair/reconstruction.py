@@ -40,7 +40,9 @@ def patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
         padding = layer.padding
     cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     n, k, length = cols.shape
-    return cols.view(n, layer.groups, k // layer.groups, length).permute(1, 2, 0, 3).reshape(layer.groups, -1, n * length)
+    return (
+        cols.view(n, layer.groups, k // layer.groups, length).permute(1, 2, 0, 3).reshape(layer.groups, -1, n * length)
+    )
 
 
 def _explicit_padding(conv: nn.Conv2d) -> list[int]:

@@ -324,13 +324,22 @@ PRESETS: dict[str, list[dict]] = {
     # BN recalibrated on the fly (the correction comes before the recalibration of everything downstream of it)
     "layer_repair": [{"op": "variance_matching", "site": _SEED_SITES, "granularity": "layer", "recalibrate_bn": True}],
     "asr": [{"op": "variance_matching", "site": _SEED_SITES, "shrinkage": "adaptive", "recalibrate_bn": True}],
-    "clipped_asr": [{"op": "variance_matching", "site": _SEED_SITES, "shrinkage": "adaptive", "clip": [0.5, 2.0],
-                     "recalibrate_bn": True}],  # fmt: skip
+    "clipped_asr": [
+        {
+            "op": "variance_matching",
+            "site": _SEED_SITES,
+            "shrinkage": "adaptive",
+            "clip": [0.5, 2.0],
+            "recalibrate_bn": True,
+        }
+    ],  # fmt: skip
     # our own variants at BN outputs, without recalibration (the presets of earlier versions under honest names)
     "bn_output_layer_vm": [{"op": "variance_matching", "granularity": "layer", "match_mean": False}],
     "bn_output_asr": [{"op": "variance_matching", "shrinkage": "adaptive"}],
-    "asr_refit": [{"op": "variance_matching", "site": _SEED_SITES, "shrinkage": "adaptive", "recalibrate_bn": True},
-                  {"op": "classifier_refit"}],  # fmt: skip
+    "asr_refit": [
+        {"op": "variance_matching", "site": _SEED_SITES, "shrinkage": "adaptive", "recalibrate_bn": True},
+        {"op": "classifier_refit"},
+    ],  # fmt: skip
     # BN recalibration, then the classifier refitted in closed form to the dense logits (one walk)
     "default": [{"op": "bn_recalibration"}, {"op": "classifier_refit"}],
     # every prunable layer re-solved to the dense outputs, BNs recalibrated on the fly (one walk)
@@ -479,7 +488,9 @@ class _Walk:
         self.graph = trace(pruned)
         self.mods_p, self.mods_d = dict(pruned.named_modules()), dict(dense.named_modules())
         self.nodes = list(self.graph.nodes)
-        linears = [n.target for n in self.nodes if n.op == "call_module" and isinstance(self.mods_p[n.target], nn.Linear)]
+        linears = [
+            n.target for n in self.nodes if n.op == "call_module" and isinstance(self.mods_p[n.target], nn.Linear)
+        ]
         self.classifier = linears[-1] if linears else None  # the last Linear, as in layers.prunable_layers
         self.recalibrate = any(op.recalibrate_bn for op in ops)
         self.env_p: dict[fx.Node, list] = {}
@@ -491,7 +502,10 @@ class _Walk:
         last_use = {inp: i for i, node in enumerate(self.nodes) for inp in node.all_input_nodes}
         for index, node in enumerate(progress(self.nodes) if progress else self.nodes):
             if node.op == "placeholder":  # clones: an in-place first op must not touch the caller's batches
-                self.env_p[node], self.env_d[node] = [b.clone() for b in self.batches], [b.clone() for b in self.batches]
+                self.env_p[node], self.env_d[node] = (
+                    [b.clone() for b in self.batches],
+                    [b.clone() for b in self.batches],
+                )
                 continue
             if node.op == "output":
                 pending = [a for a in node.all_input_nodes if a in self.scale]
@@ -566,7 +580,9 @@ class _Walk:
         self.report.variance_ratio[name] = ratio.float().cpu()
         if bn.running_var is not None:  # eval-mode BN is a * x + c per channel
             a_p, a_d = (_bn_affine(b)[0].to(ratio) for b in (bn, self.mods_d[name]))
-            self.report.variance_ratio_after[name] = (ratio * a_p.square() / a_d.square().clamp_min(_EPS_VAR)).float().cpu()
+            self.report.variance_ratio_after[name] = (
+                (ratio * a_p.square() / a_d.square().clamp_min(_EPS_VAR)).float().cpu()
+            )
 
     def _at_block(self, node: fx.Node) -> None:
         """Correct the whole sum per channel; fold into its BN operand(s), carrying the identity's share as a scale."""
@@ -595,7 +611,9 @@ class _Walk:
             for i, a in enumerate(a for a in operands if a not in streams):
                 factor, shift = g * scales[a] / out, (b if i == 0 else torch.zeros_like(b)) / out
                 fold_affine(self.mods_p[a.target], factor, shift)
-                self.env_p[a] = [t * factor.view(shape).to(t.dtype) + shift.view(shape).to(t.dtype) for t in self.env_p[a]]
+                self.env_p[a] = [
+                    t * factor.view(shape).to(t.dtype) + shift.view(shape).to(t.dtype) for t in self.env_p[a]
+                ]
             scales = {a: out for a in operands}
             self.report.gains[node.name] = g.float().cpu()
         if node.name not in self.report.block_sites:

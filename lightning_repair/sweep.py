@@ -295,6 +295,7 @@ def run_sweep(
     output: Path,
     device: torch.device | str = "cpu",
     config: str | None = None,
+    rr_repair: str = "vm",
 ) -> list[dict]:
     """Run the cells missing from ``output/results.csv``, adding each row as it finishes; return the cells' rows.
 
@@ -323,7 +324,7 @@ def run_sweep(
             profile = None
             if any(c.allocation_spec.method in PROFILE_METHODS for c in seed_cells):
                 with timed(shared, "rr_profile"):
-                    profile = rr_profile(dense, calibration)
+                    profile = rr_profile(dense, calibration, repair=rr_repair)
             for cell in seed_cells:
                 bar.set_postfix_str(f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}")
                 start = time.perf_counter()
@@ -501,7 +502,8 @@ def sweep(args: list[str] | None = None) -> None:
     model, dm = cli.model, cli.datamodule
     cells = grid_cells(cli.config_init.grid, model, dm)
     network = model.hparams.network  # the config form: it names the architecture in sweep.json
-    rows = run_sweep(network, dm, cells, output, trainer.strategy.root_device, cli.parser.dump(cli.config))
+    rows = run_sweep(network, dm, cells, output, trainer.strategy.root_device, cli.parser.dump(cli.config),
+                     model.hparams.rr_repair)
     print(report(rows, output))
     print(f"\n{len(rows)} cells in {output / RESULTS}; figure {output / PLOT}; table {output / TABLE}")
 

@@ -118,7 +118,9 @@ def test_profile_equals_brute_force(kind, repair, batches):
     torch.testing.assert_close(profile.d_raw, d_raw.double(), rtol=1e-4, atol=0)
     torch.testing.assert_close(profile.d_res, d_res.double(), rtol=1e-4, atol=1e-12)
     torch.testing.assert_close(profile.rr, d_res.double() / d_raw.double(), rtol=2e-4, atol=1e-12)
-    if repair == "ls":  # a = 1, b = 0 is one of the fits; every weight gone leaves the channel means, which any fit beats
+    if (
+        repair == "ls"
+    ):  # a = 1, b = 0 is one of the fits; every weight gone leaves the channel means, which any fit beats
         assert ((profile.rr > 0) & (profile.rr <= 1 + 1e-9)).all()
         assert (profile.d_res_empty >= profile.d_res.max(1).values - 1e-9).all()
 

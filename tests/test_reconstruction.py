@@ -58,10 +58,12 @@ def brute_force(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, y: torch.T
 CONVS = {
     "stride_padding_bias": dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1, bias=True),
     "groups": dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2, bias=False),
-    "depthwise_dilation": dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2, groups=4,
-                               bias=True),  # fmt: skip
-    "reflect_rectangular": dict(in_channels=2, out_channels=3, kernel_size=(3, 1), padding=(1, 0),
-                                padding_mode="reflect", bias=False),  # fmt: skip
+    "depthwise_dilation": dict(
+        in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2, groups=4, bias=True
+    ),  # fmt: skip
+    "reflect_rectangular": dict(
+        in_channels=2, out_channels=3, kernel_size=(3, 1), padding=(1, 0), padding_mode="reflect", bias=False
+    ),  # fmt: skip
 }
 
 

@@ -60,7 +60,9 @@ def _shortcut_hooks(block: nn.Module, at_sum) -> list:
     entry = {}
     handles = [block.register_forward_pre_hook(lambda mod, inp: entry.__setitem__("s", inp[0].clone()))]
     if block.downsample is not None:
-        handles.append(block.downsample.register_forward_hook(lambda mod, inp, out: entry.__setitem__("s", out.clone())))
+        handles.append(
+            block.downsample.register_forward_hook(lambda mod, inp, out: entry.__setitem__("s", out.clone()))
+        )
     handles.append(block.bn2.register_forward_hook(lambda mod, inp, out: entry.__setitem__("r", out.clone())))
     handles.append(block.register_forward_hook(lambda mod, inp, out: at_sum(entry["r"], entry["s"])))
     return handles
