@@ -7,9 +7,7 @@ sharing the dense model, the calibration batches and the dense accuracy.
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,19 +16,9 @@ from torch import nn
 from .allocation import Allocation, allocate, allocation_table
 from .diagnostics import RRProfile
 from .masks import apply_masks, compute_masks, mask_violations
-from .repair import Operator, RepairReport, repair
+from .repair import Operator, RepairReport, repair, timed
 
 Evaluate = Callable[[nn.Module, str], dict]  # (model, description) -> {"top1", "top5", "samples"}
-
-
-@contextmanager
-def timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    """Add the wall time of the block to ``timings[key]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -96,6 +84,7 @@ def prune_and_repair(
         report = repair(model, dense, calibration, recipe, progress=progress and (lambda it: progress(it, "repair")),
                         masks=masks)  # fmt: skip
     masks = report.masks or masks  # reconstruction may re-select masks from its statistics (same counts)
+    timings.update(report.timings)  # the reconstruction's share of the repair time
     violations = mask_violations(model, masks)
     if violations:
         raise RuntimeError(f"repair broke the masks (non-zero pruned weights): {violations}")

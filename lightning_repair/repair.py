@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -407,6 +409,7 @@ class RepairReport:
     variance_ratio: dict[str, torch.Tensor] = field(default_factory=dict)
     variance_ratio_after: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds in reconstruction's statistics and solves
 
 
 class UntraceableModelError(TypeError):
@@ -630,10 +633,12 @@ class _Walk:
             damping = op.damping_for(is_classifier)
             if damping is None or name not in self.masks:
                 continue
-            stats = layer_statistics(module, self.env_p[node.args[0]], self.env_d[node])
-            if getattr(op, "mask", "magnitude") != "magnitude":
-                self.masks[name] = _select_mask(op.mask, self.mods_d[name].weight, stats, self.masks[name], damping)
-            reconstruct_layer(module, stats, self.masks[name], damping, name)
+            with timed(self.report.timings, "reconstruction_statistics"):
+                stats = layer_statistics(module, self.env_p[node.args[0]], self.env_d[node])
+            with timed(self.report.timings, "reconstruction_solve"):
+                if getattr(op, "mask", "magnitude") != "magnitude":
+                    self.masks[name] = _select_mask(op.mask, self.mods_d[name].weight, stats, self.masks[name], damping)
+                reconstruct_layer(module, stats, self.masks[name], damping, name)
             if name not in self.report.layer_sites:
                 self.report.layer_sites.append(name)
 
@@ -652,6 +657,16 @@ class _Walk:
             linear.bias.add_(linear.weight @ b)
         linear.weight.mul_(g)
         self.report.gains[f"{node.target}@input"] = g.float().cpu()
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def _is_homogeneous(node: fx.Node, module: nn.Module | None) -> bool:
