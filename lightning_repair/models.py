@@ -16,7 +16,6 @@ stem without max-pool, for 28-32 px images; "imagenet": torchvision's stem) and 
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -206,14 +205,9 @@ def network_config(spec: NetworkSpec | Mapping[str, Any]) -> dict[str, Any] | st
     if isinstance(spec, Network):
         return asdict(spec)
     if isinstance(spec, Mapping):
-        cls, init_args = _imported(spec.get("class_path")), dict(spec.get("init_args", {}))
-        if cls is Network:  # the CLI's form of a shortcut
-            return asdict(Network(**init_args))
-        if cls is not None:  # a class default (ShuffleNetV2's block) is dumped as a spec jsonargparse cannot re-read
-            defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
-            is_default = lambda k, v: isinstance(v, Mapping) and _imported(v.get("class_path")) is defaults.get(k)  # noqa: E731
-            init_args = {k: v for k, v in init_args.items() if not is_default(k, v)}
-        return {**spec, "init_args": init_args} if init_args else {k: v for k, v in spec.items() if k != "init_args"}
+        if _imported(spec.get("class_path")) is Network:  # the CLI's form of a shortcut
+            return asdict(Network(**spec.get("init_args", {})))
+        return dict(spec)
     return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}"
 
 
