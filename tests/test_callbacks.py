@@ -59,7 +59,7 @@ def test_metrics_json_has_the_profile_and_the_allocated_point(finished):
     assert [row["name"] for row in profile["layers"]] == names
     for row in profile["layers"]:
         assert len(row["d_raw"]) == len(row["d_res"]) == len(row["rr"]) == len(DEFAULT_GRID)
-        assert all(0 <= r <= 1 + 1e-9 for r in row["rr"])
+        assert all(r is None or r >= 0 for r in row["rr"])  # above 1 possible: the default rr_repair vm can add damage
     dense = [row for row in metrics["layers"] if row["kept"] == row["numel"]]
     assert dense  # rr keeps some small early layers dense here
     for row in dense:  # no damage, RR undefined
@@ -67,7 +67,7 @@ def test_metrics_json_has_the_profile_and_the_allocated_point(finished):
     for row in metrics["layers"]:
         if row not in dense:
             assert row["rr"] == pytest.approx(row["d_res"] / row["d_raw"])
-            assert 0 <= row["d_res"] <= row["d_raw"] * (1 + 1e-9)
+            assert row["d_res"] >= 0 and row["d_raw"] > 0
     assert metrics["allocation"] == "rr" and metrics["sparsity"]["achieved"] == pytest.approx(0.95, abs=1e-4)
     assert metrics["timings_s"]["rr"] > 0
 
