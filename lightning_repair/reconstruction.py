@@ -98,7 +98,9 @@ def layer_statistics(
     total = None
     for x, y in zip(inputs, outputs, strict=True):
         p, t = patches(layer, x.detach()), targets(layer, y.detach())
-        compute = torch.promote_types(p.dtype, torch.float32)
+        # convs have one row per output position: their products run in float32 (the cost of reconstruction);
+        # a Linear has one row per image, so its products run in float64 at little cost
+        compute = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(p.dtype, torch.float32)
         p, t = p.to(compute), t.to(compute)
         part = LayerStatistics(
             gram=(p @ p.transpose(1, 2)).double(),
