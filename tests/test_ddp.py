@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lightning_repair.data import build_datasets
+from lightning_repair.diagnostics import rr_profile
 from lightning_repair.evaluation import evaluate
 from lightning_repair.models import Network, load_weights
 from lightning_repair.pipeline import replica_digest, state_digest
@@ -227,6 +228,31 @@ def test_non_finite_logits_on_one_rank_stop_every_rank(tmp_path):
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "non-finite logits during evaluation for 1 of 8 test images" in message
+
+
+def _rr_profile_on_rank(rank: int, folder: str) -> None:
+    """Rank 1's calibration shard holds a NaN image; each rank writes down what rr_profile raised."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+        images = torch.randn(4, 3, 8, 8)
+        if rank == 1:
+            images[1, 0, 0, 0] = float("nan")
+        rr_profile(model.eval(), [images], (0.5, 0.9))
+    except FloatingPointError as err:
+        Path(folder, f"rank{rank}.txt").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_non_finite_activations_on_one_rank_stop_every_rank_in_the_rr_profile(tmp_path):
+    """The RR profile reduces its sums before checking them, so both ranks raise the same error (a rank raising
+    alone would leave the other in the collective: a closed connection under gloo, a hang under NCCL)."""
+    mp.start_processes(_rr_profile_on_rank, (str(tmp_path),), nprocs=2, start_method="fork")
+    messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert messages[0] == messages[1] and "non-finite activations at RR profile of 0" in messages[0]
 
 
 @pytest.mark.ddp
