@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/claims.py [--results benchmarks/results]
 
-Reads the results.csv files of the claims sweeps (copied under benchmarks/results/ as claims_resnet18.csv,
-claims_vgg16_bn.csv, rr_seeds.csv, capped_erk.csv; a missing file leaves its claims "not measured") and applies
+Reads the results.csv files of the claims sweeps (copied under benchmarks/results/ as transition.csv,
+vgg16_bn_transition.csv, rr_seeds.csv, capped_erk.csv; a missing file leaves its claims "not measured") and applies
 the rules below, which are fixed here so that a verdict cannot be chosen after seeing the numbers. Accuracies are
 top-1 in %, on the full test set.
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    resnet, vgg = load(args.results / "claims_resnet18.csv"), load(args.results / "claims_vgg16_bn.csv")
+    resnet, vgg = load(args.results / "transition.csv"), load(args.results / "vgg16_bn_transition.csv")
     rr, capped = load(args.results / "rr_seeds.csv"), load(args.results / "capped_erk.csv")
     rows = []
     for name, table in (("ResNet-18", resnet), ("VGG16-BN", vgg)):
