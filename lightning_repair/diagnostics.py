@@ -13,7 +13,10 @@ repair shifts each channel onto the dense mean and scales it by g_c, which ``rep
 - ``vm`` (the paper's channel-wise variance matching, the default): g_c = sqrt(var_d / var_p), residual
   n * 2 var_d (1 - rho_c) per channel: above var_d when rho_c < 0, where the repair amplifies noise;
 - ``ls``: the least-squares affine fit, residual n (var_d - cov_pd^2 / var_p) = n var_d (1 - rho_c^2);
-- ``asr``: the gain of the ``asr`` repair (variance matching shrunk toward the layer gain with weight rho_c^2).
+- ``asr``: the gain of the ``asr`` repair (variance matching shrunk toward the layer gain with weight rho_c^2);
+- ``reconstruct``: not a channel-wise repair but the layer's own reconstruction: its kept weights and bias re-solved
+  by ridge least squares (damping 1%) to the dense output on the dense input; the input Gram collected in the same
+  pass serves every grid point (its cost: about in/groups * kh * kw / out times the layer's forward, once).
 
 A constant P (no weight left, or none seeing a live input) leaves n var_d under every repair. All follow in closed
 form from per-channel moments of (P, Y_d), where P = Y_p - bias is the output of the kept weights alone:
@@ -33,6 +36,7 @@ zero energy, and RR where pruning removes nothing but zeros (D_raw and D_res are
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -46,10 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import PrunableLayer, prunable_layers
+from .reconstruction import LayerStatistics, chunk_statistics, reconstruct_layer
 from .repair import VarianceMatching
 from .stats import Moments
 
-RR_REPAIRS = ("vm", "ls", "asr")
+RR_REPAIRS = ("vm", "ls", "asr", "reconstruct")
+RR_RECONSTRUCT_DAMPING = 0.01  # as the reconstruct operator's default
 
 DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
@@ -168,15 +174,19 @@ def rr_profile(
     ]
     ranks = [magnitude_ranks(layer.module.weight) for layer in layers]
     masks = [[rank < k for k in ks] for rank, ks in zip(ranks, keeps, strict=True)]
-    moments, samples = _stream(model, batches, layers, masks)
+    moments, samples, grams = _stream(model, batches, layers, masks, with_grams=repair == "reconstruct")
     if samples < MIN_CALIBRATION_SAMPLES:
         warnings.warn(
             f"RR profile from only {samples} calibration images (fewer than {MIN_CALIBRATION_SAMPLES}): "
             "per-channel statistics, above all the classifier's, are noisy",
             stacklevel=2,
         )
-    damage = [_damage(m, len(ks), layer.module.bias, repair)
-              for m, ks, layer in zip(moments, keeps, layers, strict=True)]  # fmt: skip
+    residuals = [None] * len(layers) if grams is None else [
+        _reconstruction_residuals(layer, g, m, layer_masks)
+        for layer, g, m, layer_masks in zip(layers, grams, moments, masks, strict=True)
+    ]  # fmt: skip
+    damage = [_damage(m, len(ks), layer.module.bias, repair, r)
+              for m, ks, layer, r in zip(moments, keeps, layers, residuals, strict=True)]  # fmt: skip
     d_raw, d_res, d_res_empty = ([t.cpu() for t in values] for values in zip(*damage, strict=True))
     d_raw, d_res = torch.stack(d_raw), torch.stack(d_res)
     # pruning that removes only zeros does no damage: exactly 0 (RR undefined), not the rounding of the moments
@@ -228,15 +238,24 @@ def _keep_count(numel: int, sparsity: float) -> int:
 
 @torch.no_grad()
 def _stream(
-    model: nn.Module, batches: Iterable[torch.Tensor], layers: list[PrunableLayer], masks: list[list[torch.Tensor]]
-) -> tuple[list[Moments], int]:
-    """Per layer, joint moments of (P, Y_d) for its K masks, stacked along channels (K * C channels)."""
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    layers: list[PrunableLayer],
+    masks: list[list[torch.Tensor]],
+    with_grams: bool = False,
+) -> tuple[list[Moments], int, list[LayerStatistics] | None]:
+    """Per layer, joint moments of (P, Y_d) for its K masks, stacked along channels (K * C channels), and with
+    ``with_grams`` the reconstruction statistics of the layer on its dense input."""
     totals: list[Moments | None] = [None] * len(layers)
+    grams: list[LayerStatistics | None] = [None] * len(layers)
 
     def hook(index: int):
         def fold(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             m = _moments(module, inputs[0], _channels_first(module, output), masks[index])
             totals[index] = m if totals[index] is None else totals[index] + m
+            if with_grams:
+                g = chunk_statistics(module, inputs[0], output)
+                grams[index] = g if grams[index] is None else grams[index] + g
 
         return fold
 
@@ -259,7 +278,26 @@ def _stream(
     moments = [
         m.all_reduce().check_finite(f"RR profile of {layer.name}") for layer, m in zip(layers, totals, strict=True)
     ]
-    return moments, _global_sum(images, moments[0].count.device)
+    if with_grams:
+        grams = [
+            g.all_reduce().check_finite(f"RR profile of {layer.name}") for layer, g in zip(layers, grams, strict=True)
+        ]
+    return moments, _global_sum(images, moments[0].count.device), grams if with_grams else None
+
+
+def _reconstruction_residuals(
+    layer: PrunableLayer, stats: LayerStatistics, moments: Moments, masks: list[torch.Tensor]
+) -> torch.Tensor:
+    """(K, C): per mask and output channel, what the layer's own reconstruction leaves of the dense output."""
+    energy = moments.grams.view(2, 2, len(masks), -1)[1, 1, 0]  # sum of Y_d^2 per channel (bias included)
+    residuals = []
+    for mask in masks:
+        solved = copy.deepcopy(layer.module)
+        with warnings.catch_warnings():  # the fewer-rows-than-unknowns warning is the profile's own
+            warnings.simplefilter("ignore")
+            reconstruct_layer(solved, stats, mask, RR_RECONSTRUCT_DAMPING, layer.name)
+        residuals.append(stats.residuals(solved.weight, solved.bias, energy).clamp_min(0))
+    return torch.stack(residuals)
 
 
 def _linear_part(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -308,7 +346,9 @@ def _global_sum(value: int, device: torch.device) -> int:
     return value
 
 
-def _damage(m: Moments, k: int, bias: torch.Tensor | None, repair: str) -> tuple[torch.Tensor, ...]:
+def _damage(
+    m: Moments, k: int, bias: torch.Tensor | None, repair: str, reconstructed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """D_raw (k,), D_res (k,) and D_res with every weight removed, from the stacked moments of (P, Y_d)."""
     sums, grams, cov = m.sums.view(2, k, -1), m.grams.view(2, 2, k, -1), m.cov.view(2, 2, k, -1)
     b = torch.zeros_like(sums[0, 0]) if bias is None else bias.detach().double().to(sums.device)
@@ -319,13 +359,17 @@ def _damage(m: Moments, k: int, bias: torch.Tensor | None, repair: str) -> tuple
     # the uncentered float32 sums carry relative rounding ~1e-7: a variance below 1e-6 of the second moment
     # cannot be told from 0, and a constant P (no weight left, or none seeing a live input) leaves var_d
     constant = var_p <= 1e-6 * grams[0, 0] / m.count
-    if repair == "ls":
+    if reconstructed is not None:
+        residual = reconstructed / m.count  # the sums over positions, as a per-position mean like the others
+    elif repair == "ls":
         residual = var_d - (cov_pd.square() / var_p.clamp_min(1e-300)).clamp(max=var_d)  # rounding never beats the fit
     else:
         op = VarianceMatching(shrinkage="adaptive" if repair == "asr" else "none")
         g = op.correction(var_p, var_d, cov_pd, sums[0] / m.count, sums[1] / m.count)[0]
         residual = (g.square() * var_p - 2 * g * cov_pd + var_d).clamp_min(0)
-    residual = torch.where(constant, var_d, residual) * m.count
+    if reconstructed is None:  # the reconstruction's residual is exact: without a bias it cannot fit a mean
+        residual = torch.where(constant, var_d, residual)
+    residual = residual * m.count
     undefined = energy <= 0
     d_raw = torch.where(undefined, math.nan, error.sum(1).clamp_min(0) / energy)
     d_res = torch.where(undefined, math.nan, residual.sum(1) / energy)

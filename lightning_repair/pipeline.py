@@ -48,7 +48,8 @@ class PruneRepairModule(pl.LightningModule):
             and RR at each layer's allocated sparsity to metrics.json; null or [] turns it off unless the
             allocation (rr, erk_rr) needs it. Costs about len(rr_grid) + 2 dense calibration passes.
         rr_repair: the channel-wise repair behind D_res and RR: ``vm`` (variance matching, the RR paper's),
-            ``ls`` (least-squares affine fit) or ``asr`` (the asr preset's shrunk gain).
+            ``ls`` (least-squares affine fit), ``asr`` (the asr preset's shrunk gain) or ``reconstruct`` (the
+            layer's own least-squares reconstruction; adds about the Gram cost of reconstruct to the profile).
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class PruneRepairModule(pl.LightningModule):
         repair: str | list[dict[str, Any]] = "default",
         save_model: bool = True,
         rr_grid: tuple[float, ...] | None = DEFAULT_GRID,
-        rr_repair: Literal["vm", "ls", "asr"] = "vm",
+        rr_repair: Literal["vm", "ls", "asr", "reconstruct"] = "vm",
     ):
         super().__init__()
         # the CLI's types check these too; repeated for the Python API

@@ -77,6 +77,31 @@ class LayerStatistics:
     target_sum: torch.Tensor
     rows: int
 
+    def __add__(self, other: LayerStatistics) -> LayerStatistics:
+        return LayerStatistics(self.gram + other.gram, self.cross + other.cross, self.patch_sum + other.patch_sum,
+                               self.target_sum + other.target_sum, self.rows + other.rows)  # fmt: skip
+
+    def check_finite(self, where: str) -> LayerStatistics:
+        if not all(torch.isfinite(t).all() for t in (self.gram, self.cross, self.patch_sum, self.target_sum)):
+            raise FloatingPointError(f"non-finite activations at {where}: check the checkpoint and the input data")
+        return self
+
+    def residuals(self, weight: torch.Tensor, bias: torch.Tensor | None, target_energy: torch.Tensor) -> torch.Tensor:
+        """Per output channel, ||X w + b - Y||^2 over the rows, for the layer's ``weight`` and ``bias``, given each
+        channel's target energy sum Y^2 (channels in the layer's order)."""
+        groups, k = self.gram.shape[:2]
+        w = weight.detach().double().reshape(groups, -1, k)
+        b = (
+            torch.zeros(w.shape[:2], dtype=w.dtype, device=w.device)
+            if bias is None
+            else bias.detach().double().view(groups, -1)
+        )
+        quadratic = torch.einsum("gok,gkj,goj->go", w, self.gram, w)
+        linear = torch.einsum("gok,gk->go", w, self.patch_sum)
+        cross = torch.einsum("gok,gko->go", w, self.cross)
+        residual = quadratic + 2 * b * linear + self.rows * b.square() - 2 * (cross + b * self.target_sum)
+        return residual.flatten() + target_energy
+
     def all_reduce(self) -> LayerStatistics:
         sizes = [self.gram.numel(), self.cross.numel(), self.patch_sum.numel(), self.target_sum.numel(), 1]
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
@@ -90,6 +115,22 @@ class LayerStatistics:
         return self
 
 
+def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Tensor) -> LayerStatistics:
+    """This chunk's sums: ``layer`` fed ``x``, target output ``y``."""
+    p, t = patches(layer, x.detach()), targets(layer, y.detach())
+    # convs have one row per output position: their products run in float32 (the cost of reconstruction);
+    # a Linear has one row per image, so its products run in float64 at little cost
+    compute = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(p.dtype, torch.float32)
+    p, t = p.to(compute), t.to(compute)
+    return LayerStatistics(
+        gram=(p @ p.transpose(1, 2)).double(),
+        cross=(p @ t).double(),
+        patch_sum=p.sum(2).double(),
+        target_sum=t.sum(1).double(),
+        rows=p.shape[2],
+    )
+
+
 def layer_statistics(
     layer: nn.Conv2d | nn.Linear, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
 ) -> LayerStatistics:
@@ -97,28 +138,11 @@ def layer_statistics(
     summed over this process's chunks and across processes."""
     total = None
     for x, y in zip(inputs, outputs, strict=True):
-        p, t = patches(layer, x.detach()), targets(layer, y.detach())
-        # convs have one row per output position: their products run in float32 (the cost of reconstruction);
-        # a Linear has one row per image, so its products run in float64 at little cost
-        compute = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(p.dtype, torch.float32)
-        p, t = p.to(compute), t.to(compute)
-        part = LayerStatistics(
-            gram=(p @ p.transpose(1, 2)).double(),
-            cross=(p @ t).double(),
-            patch_sum=p.sum(2).double(),
-            target_sum=t.sum(1).double(),
-            rows=p.shape[2],
-        )
-        total = part if total is None else LayerStatistics(
-            total.gram + part.gram, total.cross + part.cross, total.patch_sum + part.patch_sum,
-            total.target_sum + part.target_sum, total.rows + part.rows,
-        )  # fmt: skip
+        part = chunk_statistics(layer, x, y)
+        total = part if total is None else total + part
     if total is None:
         raise ValueError("reconstruction needs calibration data: no chunk reached the layer")
-    total = total.all_reduce()
-    if not all(torch.isfinite(t).all() for t in (total.gram, total.cross, total.patch_sum, total.target_sum)):
-        raise FloatingPointError("non-finite activations at a reconstructed layer: check the checkpoint and data")
-    return total
+    return total.all_reduce().check_finite("a reconstructed layer")
 
 
 @torch.no_grad()

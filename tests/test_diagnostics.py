@@ -31,6 +31,7 @@ from lightning_repair.diagnostics import (
 )
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import magnitude_mask
+from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
 
 from helpers import calibrated_dense
 
@@ -123,6 +124,46 @@ def test_profile_equals_brute_force(kind, repair, batches):
     ):  # a = 1, b = 0 is one of the fits; every weight gone leaves the channel means, which any fit beats
         assert ((profile.rr > 0) & (profile.rr <= 1 + 1e-9)).all()
         assert (profile.d_res_empty >= profile.d_res.max(1).values - 1e-9).all()
+
+
+def _layer_io(model: nn.Module, module: nn.Module, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The module's inputs and outputs over the batches."""
+    inputs, outputs = [], []
+
+    def record(_module, inp, out):
+        inputs.append(inp[0])
+        outputs.append(out)
+
+    handle = module.register_forward_hook(record)
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    handle.remove()
+    return inputs, outputs
+
+
+@pytest.mark.parametrize("kind", ["resnet", "odd"])
+def test_reconstruct_repair_equals_explicit_reconstruction(kind, batches):
+    """rr_repair reconstruct: D_res is what re-solving the layer's kept weights (reconstruction.py, on the dense
+    input, to the dense output) leaves, computed here by running the re-solved layer on the captured inputs."""
+    model = calibrated_dense() if kind == "resnet" else odd_model()
+    profile = rr_profile(model, batches, GRID, repair="reconstruct")
+    for i, layer in enumerate(prunable_layers(model)):
+        inputs, outputs = _layer_io(model, layer.module, batches)
+        stats = layer_statistics(layer.module, inputs, outputs)
+        energy = sum(y.double().square().sum() for y in outputs)
+        for j, s in enumerate(GRID):
+            solved = copy.deepcopy(layer.module)
+            mask = magnitude_mask(layer.module.weight, layer.numel - round(s * layer.numel))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reconstruct_layer(solved, stats, mask, 0.01)
+            with torch.no_grad():
+                errors = [
+                    (solved(x).double() - y.double()).square().sum() for x, y in zip(inputs, outputs, strict=True)
+                ]
+            expected = (sum(errors) / energy).item()
+            assert profile.d_res[i, j].item() == pytest.approx(expected, rel=1e-3, abs=1e-7), (layer.name, s)
 
 
 def test_variance_matching_residual_is_the_least_squares_residual_times_two_over_one_plus_rho(dense, batches):
