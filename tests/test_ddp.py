@@ -206,52 +206,51 @@ def test_replica_digest_fails_when_ranks_differ(tmp_path):
         mp.start_processes(_digest_on_rank, (str(tmp_path / "differ"), True), nprocs=2, start_method="fork")
 
 
-def _evaluate_on_rank(rank: int, folder: str) -> None:
-    """Rank 1's shard holds a NaN image, rank 0's is clean; each rank writes down what evaluate raised."""
+def _errors_on_ranks(folder: Path, work) -> list[str]:
+    """Run ``work(rank)`` on 2 gloo processes, rank 1 with a NaN in its data; each rank's FloatingPointError."""
+    mp.start_processes(_record_error, (str(folder), work), nprocs=2, start_method="fork")
+    return [(folder / f"rank{rank}.txt").read_text() for rank in range(2)]
+
+
+def _record_error(rank: int, folder: str, work) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
     try:
-        images = torch.ones(4, 3)
-        if rank == 1:
-            images[2, 0] = float("nan")
-        evaluate(torch.nn.Linear(3, 5), [(images, torch.zeros(4, dtype=torch.long))])
+        work(rank)
     except FloatingPointError as err:
         Path(folder, f"rank{rank}.txt").write_text(str(err))
     finally:
         dist.destroy_process_group()
+
+
+def _evaluate_with_nan_on_rank_1(rank: int) -> None:
+    images = torch.ones(4, 3)
+    if rank == 1:
+        images[2, 0] = float("nan")
+    evaluate(torch.nn.Linear(3, 5), [(images, torch.zeros(4, dtype=torch.long))])
+
+
+def _rr_profile_with_nan_on_rank_1(rank: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    images = torch.randn(4, 3, 8, 8)
+    if rank == 1:
+        images[1, 0, 0, 0] = float("nan")
+    rr_profile(model.eval(), [images], (0.5, 0.9))
 
 
 @pytest.mark.ddp
 def test_non_finite_logits_on_one_rank_stop_every_rank(tmp_path):
     """Both processes raise, after the counts are summed (a rank raising alone would leave the other waiting in
     all_reduce forever)."""
-    mp.start_processes(_evaluate_on_rank, (str(tmp_path),), nprocs=2, start_method="fork")
-    for rank in range(2):
-        message = (tmp_path / f"rank{rank}.txt").read_text()
+    for message in _errors_on_ranks(tmp_path, _evaluate_with_nan_on_rank_1):
         assert "non-finite logits during evaluation for 1 of 8 test images" in message
-
-
-def _rr_profile_on_rank(rank: int, folder: str) -> None:
-    """Rank 1's calibration shard holds a NaN image; each rank writes down what rr_profile raised."""
-    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
-        images = torch.randn(4, 3, 8, 8)
-        if rank == 1:
-            images[1, 0, 0, 0] = float("nan")
-        rr_profile(model.eval(), [images], (0.5, 0.9))
-    except FloatingPointError as err:
-        Path(folder, f"rank{rank}.txt").write_text(str(err))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.ddp
 def test_non_finite_activations_on_one_rank_stop_every_rank_in_the_rr_profile(tmp_path):
     """The RR profile reduces its sums before checking them, so both ranks raise the same error (a rank raising
     alone would leave the other in the collective: a closed connection under gloo, a hang under NCCL)."""
-    mp.start_processes(_rr_profile_on_rank, (str(tmp_path),), nprocs=2, start_method="fork")
-    messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    messages = _errors_on_ranks(tmp_path, _rr_profile_with_nan_on_rank_1)
     assert messages[0] == messages[1] and "non-finite activations at RR profile of 0" in messages[0]
 
 
