@@ -18,7 +18,7 @@ import yaml
 
 from lightning_repair import cli, datamodule, sweep
 from lightning_repair.data import DATASETS, build_datasets
-from lightning_repair.models import Network
+from lightning_repair.models import build_network, network_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SWEEPS = sorted((CONFIGS / "paper" / "sweep").glob("*.yaml")) + sorted((CONFIGS / "sweep").glob("*.yaml"))
@@ -31,6 +31,7 @@ RUN = [
     "paper/sweep/imagenet100_resnet50.yaml", "paper/train/imagenet100_resnet50.yaml",
     "paper/sweep/cifar100_vgg16_bn.yaml", "paper/train/cifar100_vgg16_bn.yaml",
     "paper/sweep/cifar10_densenet121.yaml", "paper/train/cifar10_densenet121.yaml",
+    "sweep/fashion_mnist_mobilenetv2_transition.yaml", "train/fashion_mnist_mobilenetv2.yaml",
 ]  # fmt: skip
 TINY_WIDTH = 1 / 16
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
@@ -44,12 +45,20 @@ def name(path: Path) -> str:
     return str(path.relative_to(CONFIGS))
 
 
-def small(config: dict) -> list[str]:
-    """Flags that keep the config's architecture and data shape but make it tiny, on CPU."""
+def architecture(config: dict) -> str:
     network = config["model"]["init_args"]["network"]
-    shape = [network["num_classes"], network["in_channels"], DATASETS[config["data"]["dataset"]].image_size]
-    return CPU + [
-        f"--model.init_args.network.width={TINY_WIDTH}",
+    return network.get("arch") or network["class_path"]
+
+
+def small(config: dict) -> list[str]:
+    """Flags that keep the config's architecture and data shape but make it tiny, on CPU (a network given by
+    class_path keeps its configured size)."""
+    network, data = config["model"]["init_args"]["network"], config["data"]
+    shortcut = "arch" in network
+    classes = network["num_classes"] if shortcut else network["init_args"]["num_classes"]
+    channels = network["in_channels"] if shortcut else 3 if data.get("rgb") else DATASETS[data["dataset"]].in_channels
+    shape = [classes, channels, DATASETS[data["dataset"]].image_size]
+    return CPU + [f"--model.init_args.network.width={TINY_WIDTH}"] * shortcut + [
         "--data.dataset=synthetic", f"--data.synthetic_shape={json.dumps(shape)}",
         "--data.batch_size=8", "--data.num_workers=0", "--data.calibration_size=16",
     ]  # fmt: skip
@@ -73,12 +82,8 @@ def test_every_paper_experiment_has_its_dense_training_config():
 
 
 def test_one_run_per_architecture():
-    archs = {load(p)["model"]["init_args"]["network"]["arch"] for p in SWEEPS + TRAININGS}
-    run = {
-        load(CONFIGS / n)["model"]["init_args"]["network"]["arch"]
-        for n in RUN
-        if n.startswith(("paper/sweep", "sweep"))
-    }
+    archs = {architecture(load(p)) for p in SWEEPS + TRAININGS}
+    run = {architecture(load(CONFIGS / n)) for n in RUN if n.startswith(("paper/sweep", "sweep"))}
     assert run == archs
     assert set(RUN) <= {name(p) for p in SWEEPS + TRAININGS}
 
@@ -98,8 +103,10 @@ def test_sweep_config_builds(path):
 
 @pytest.mark.parametrize("path", TRAININGS, ids=map(name, TRAININGS))
 def test_training_config_builds(path):
-    built = cli.build_cli(["--config", str(path), *small(load(path))], run=False)
-    assert built.model.hparams.network["width"] == TINY_WIDTH
+    config = load(path)
+    built = cli.build_cli(["--config", str(path), *small(config)], run=False)
+    if "arch" in config["model"]["init_args"]["network"]:
+        assert network_config(built.model.hparams.network)["width"] == TINY_WIDTH
     assert built.trainer.max_epochs == load(path)["trainer"]["max_epochs"]
 
 
@@ -108,9 +115,9 @@ def test_sweep_config_runs_on_synthetic_data(config_name, tmp_path, few_syntheti
     path = CONFIGS / config_name
     config = load(path)
     grid = config["grid"]
-    network = Network(**{**config["model"]["init_args"]["network"], "width": TINY_WIDTH})
+    spec = config["model"]["init_args"]["network"]
     checkpoint = tmp_path / "dense.pt"
-    torch.save(network.build().state_dict(), checkpoint)
+    torch.save(build_network({**spec, "width": TINY_WIDTH} if "arch" in spec else spec).state_dict(), checkpoint)
     one_cell = {"sparsities": grid["sparsities"][-1:], "repairs": grid["repairs"][-1:], "seeds": [0]}
     sweep.main(
         ["--config", str(path), *small(config), f"--model.init_args.checkpoint={checkpoint}"]
