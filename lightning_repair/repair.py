@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth, stochastic_depth
 
 from .layers import prunable_layers
 from .reconstruction import layer_statistics, reconstruct_layer
@@ -438,6 +439,7 @@ _HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2
 _HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                           F.adaptive_max_pool2d, F.dropout)  # fmt: skip
 _HOMOGENEOUS_METHODS = ("relu", "relu_", "flatten")
+_EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout2d, StochasticDepth)  # modules that are x -> x in eval mode
 
 
 @torch.no_grad()
@@ -562,7 +564,22 @@ class _Walk:
         return all(isinstance(a, fx.Node) for a in node.args) and any(self._bn_operand(a) for a in node.args)
 
     def _bn_operand(self, a: fx.Node) -> bool:
-        return a.op == "call_module" and isinstance(self.mods_p[a.target], _BATCHNORM) and len(a.users) == 1
+        return self._bn_of(a) is not None
+
+    def _bn_of(self, a: fx.Node) -> fx.Node | None:
+        """The BN whose output ``a`` is, directly or through modules that are the identity in eval mode (dropout,
+        stochastic depth), each used only on that path; else None."""
+        while len(a.users) == 1 and self._is_eval_identity(a):
+            a = a.args[0]
+        if a.op == "call_module" and isinstance(self.mods_p[a.target], _BATCHNORM) and len(a.users) == 1:
+            return a
+        return None
+
+    def _is_eval_identity(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.mods_p[node.target], _EVAL_IDENTITY)
+        # torchvision's StochasticDepth traces to stochastic_depth(x, p, mode, training), the identity untrained
+        return node.op == "call_function" and node.target is stochastic_depth and node.args[3:4] == (False,)
 
     # -- sites
 
@@ -613,7 +630,7 @@ class _Walk:
                 out = ones
             for i, a in enumerate(a for a in operands if a not in streams):
                 factor, shift = g * scales[a] / out, (b if i == 0 else torch.zeros_like(b)) / out
-                fold_affine(self.mods_p[a.target], factor, shift)
+                fold_affine(self.mods_p[self._bn_of(a).target], factor, shift)
                 self.env_p[a] = [
                     t * factor.view(shape).to(t.dtype) + shift.view(shape).to(t.dtype) for t in self.env_p[a]
                 ]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
+from torchvision.ops import StochasticDepth
 
 from lightning_repair.masks import mask_violations
 from lightning_repair.repair import PRESETS, BNRecalibration, ClassifierRefit, VarianceMatching, parse_recipe, repair
@@ -371,3 +372,36 @@ def test_classifier_refit_brings_logits_closer_to_dense(dense, batches):
 def test_classifier_refit_rejects_bad_ridge(ridge):
     with pytest.raises(ValueError, match="ridge"):
         ClassifierRefit(ridge=ridge)
+
+
+class StochasticDepthBlock(nn.Module):
+    """EfficientNet's residual: the branch's BN reaches the add through StochasticDepth (the identity in eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.drop = StochasticDepth(0.2, "row")
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        x = self.drop(self.bn(self.conv(x))) + x
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_bn_behind_stochastic_depth_is_a_block_site(batches):
+    torch.manual_seed(0)
+    dense = StochasticDepthBlock()
+    dense.train()
+    with torch.no_grad():
+        dense(torch.cat(batches))  # BN statistics from data
+    dense.eval()
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned.conv.weight[:, :4] = 0
+    gamma = pruned.bn.weight.detach().clone()
+    report = repair(pruned, dense, batches, [{"op": "variance_matching", "site": "block"}])
+    assert report.block_sites == ["add"] and not torch.equal(pruned.bn.bias, dense.bn.bias)
+    assert torch.equal(pruned.bn.weight, gamma)  # the identity operand takes the gain as a pending scale
+    assert not torch.equal(pruned.fc.weight, dense.fc.weight)  # ... folded into the classifier's columns
