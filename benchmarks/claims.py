@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/claims.py [--results benchmarks/results]
 
-Reads the results.csv files of the claims sweeps (copied under benchmarks/results/ as transition.csv,
-vgg16_bn_transition.csv, rr_seeds.csv, vgg16_bn_rr_seeds.csv, capped_erk.csv; a missing file leaves its claims "not measured") and applies
-the rules below, which are fixed here so that a verdict cannot be chosen after seeing the numbers. Accuracies are
-top-1 in %, on the full test set.
+Reads the results.csv files of the claims sweeps, copied under benchmarks/results/ as transition.csv,
+vgg16_bn_transition.csv, rr_seeds.csv, vgg16_bn_rr_seeds.csv and capped_erk.csv (a missing file leaves its claims
+"not measured"), and applies the rules below, fixed here so that a verdict cannot be chosen after seeing the
+numbers. Accuracies are top-1 in %, on the full test set.
 
 (a) A transition regime exists: some cell where BN recalibration alone collapses (below 50%) while the better of
     asr / layer_repair is at least 10 points above it.
