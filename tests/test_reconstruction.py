@@ -123,7 +123,6 @@ def test_fewer_rows_than_unknowns_warns():
     assert torch.isfinite(linear.weight).all()
 
 
-@pytest.mark.filterwarnings("ignore:reconstruction of fc")  # 32 tiny calibration images, on purpose
 @pytest.mark.parametrize("mask_rule", ["magnitude", "wanda", "obs"])
 def test_reconstruct_preset_holds_masks_and_beats_bn_recalibration(dense, batches, mask_rule):
     """Every layer re-solved: masks hold exactly (re-selected ones keep each layer's count), and the output is

@@ -116,7 +116,6 @@ def test_variance_matching_gain_by_hand_on_a_two_layer_net():
     torch.testing.assert_close(pruned[1].bias.double(), expected_beta, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:reconstruction of fc")  # 32 tiny calibration images, on purpose
 @pytest.mark.parametrize("preset", ["layer_repair", "asr", "clipped_asr", "reconstruct"])
 def test_presets_with_recalibration_leave_every_bn_recalibrated(dense, batches, preset):
     """Corrections come before the recalibration of everything downstream of them: the repaired model's BN
@@ -134,7 +133,6 @@ def test_presets_with_recalibration_leave_every_bn_recalibrated(dense, batches, 
     assert (ours - ref).abs().max() / ref.abs().max() > 1e-2
 
 
-@pytest.mark.filterwarnings("ignore:reconstruction of fc")
 def test_recipes_run_in_the_order_written(dense, batches):
     """[classifier_refit, bn_recalibration] refits on un-recalibrated features, then recalibrates: two walks, the
     same as two separate repairs, and not the default (recalibrate, then refit: one walk, exactly)."""
