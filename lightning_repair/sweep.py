@@ -403,6 +403,11 @@ def plot(rows: list[dict]) -> Figure:
     return fig
 
 
+def _sparsity_label(sparsity: float) -> str:
+    """0.90, 0.95, but 0.945 (a 0.5% grid) unrounded."""
+    return f"{sparsity:.2f}" if round(sparsity, 2) == sparsity else f"{sparsity:g}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Top-1 accuracy in % (mean over seeds) per dense model, allocation and sparsity (rows, in grid order):
     pruned (what ``none`` gives), then repaired by each other repair (columns)."""
@@ -419,7 +424,7 @@ def markdown_table(rows: list[dict]) -> str:
     key = lambda k: (order["checkpoint"].index(k[0]), order["allocation"].index(k[1]), k[2])  # noqa: E731
     for checkpoint, allocation, sparsity in sorted(by_line, key=key):
         line = by_line[checkpoint, allocation, sparsity]
-        cells = ([Path(checkpoint).name] if several else []) + [allocation, f"{sparsity:.2f}"]
+        cells = ([Path(checkpoint).name] if several else []) + [allocation, _sparsity_label(sparsity)]
         cells += [f"{100 * mean(line[k]):.1f}" if k in line else "-" for k in ("pruned", *repairs)]
         lines.append("| " + " | ".join(cells) + " |")
     dense = ", ".join(f"{Path(c).name} {100 * a:.2f}" for c, a in _dense_accuracy(rows).items())
