@@ -101,8 +101,8 @@ def claim_c(t: dict) -> tuple[str, bool]:
 
 def claim_d(t: dict) -> tuple[str, bool | None]:
     labels = {a for a, *_ in (k for k in t if isinstance(k, tuple))}
-    capped = next((a for a in labels if "max_density" in a), None)
-    forced = next((a for a in labels if "sparsity" in a and "max_density" not in a and a != "erk"), None)
+    capped = next((a for a in labels if '"max_density":0.5' in a), None)  # the sweep's labels of the two ERKs
+    forced = next((a for a in labels if '"select":"role:projection","sparsity":0.95' in a), None)
     if capped is None or forced is None:
         return "allocations missing from the sweep", None
     pairs = [(s, r) for (a, s, r) in [k for k in t if isinstance(k, tuple)] if a == capped and r != "pruned"]
