@@ -615,7 +615,7 @@ class _Walk:
         channels = z_d[0].shape[1]
         ones = torch.ones(channels, dtype=torch.float64, device=z_d[0].device)
         scales = {a: self.scale.get(a, ones) for a in operands}  # true operand = scale * stored
-        for op in self.ops:
+        for op in (op for op in self.ops if "block" in op.sites):  # others (a classifier refit) skip the moments
             true = [sum(self.env_p[a][i] * scales[a].view(shape).to(z_d[0].dtype) for a in operands)
                     for i in range(len(z_d))]  # fmt: skip
             m = accumulate(list(zip(true, z_d, strict=True))).check_finite(f"residual sum {node.name}")
