@@ -8,10 +8,12 @@ over its kept inputs S(o), where X holds the layer's input patches (one row per 
 ``in/groups * kh * kw`` columns: stride, padding, dilation, padding mode and groups as the layer applies them)
 and Y the target output. The sufficient statistics are the patch Gram H = X^T X, the cross term X^T Y and, with a
 bias, the patch and target sums: they are accumulated over calibration chunks in float64 and summed across
-processes, so the solution does not depend on how the data is batched or sharded. lambda = damping times the mean
-diagonal of the group's H (never exactly 0, so dead inputs and rank-deficient H are well posed); the bias is
-not shrunk. Rows are solved in batches padded to a common size (padding is an identity block with a zero right
-side, so it solves to 0), in chunks bounded in memory.
+processes, so the solution does not depend on how the data is batched or sharded. A conv's H is formed without
+unfolding its patches: only pairs of kernel rows i <= i' are multiplied, each pair once over the input rows that
+all pairs with that offset share (``_conv_sums``): about 1/kh of the unfolded Gram's work.
+lambda = damping times the mean diagonal of the group's H (never exactly 0, so dead inputs and rank-deficient H
+are well posed); the bias is not shrunk. Rows are solved in batches padded to a common size (padding is an
+identity block with a zero right side, so it solves to 0), in chunks bounded in memory.
 """
 
 from __future__ import annotations
@@ -29,24 +31,14 @@ from .stats import all_reduce_sum
 _CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
 
 
-def patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as (groups, K, rows): the columns the layer's weight multiplies, one per output position."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, layer.in_features).T.unsqueeze(0)
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        x = F.pad(x, _explicit_padding(layer), mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
-        padding = 0
-    else:
-        padding = layer.padding
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
-    n, k, length = cols.shape
-    return (
-        cols.view(n, layer.groups, k // layer.groups, length).permute(1, 2, 0, 3).reshape(layer.groups, -1, n * length)
-    )
+def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """x with the conv's padding applied (any padding mode, 'same' and 'valid' included)."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, _explicit_padding(conv), mode=mode)
 
 
 def _explicit_padding(conv: nn.Conv2d) -> list[int]:
-    """F.pad's (left, right, top, bottom) for the conv's padding, 'same' and 'valid' included."""
+    """F.pad's (left, right, top, bottom) for the conv's padding."""
     if conv.padding == "valid":
         return [0, 0, 0, 0]
     if conv.padding == "same":
@@ -56,6 +48,17 @@ def _explicit_padding(conv: nn.Conv2d) -> list[int]:
             pads += [total // 2, total - total // 2]
         return pads
     return [p for p in reversed(conv.padding) for _ in range(2)]
+
+
+def patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (groups, K, rows): the columns the layer's weight multiplies, one per output position."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, layer.in_features).T.unsqueeze(0)
+    cols = F.unfold(_padded(layer, x), layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+    n, k, length = cols.shape
+    return (
+        cols.view(n, layer.groups, k // layer.groups, length).permute(1, 2, 0, 3).reshape(layer.groups, -1, n * length)
+    )
 
 
 def targets(layer: nn.Conv2d | nn.Linear, y: torch.Tensor) -> torch.Tensor:
@@ -117,17 +120,78 @@ class LayerStatistics:
 
 def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Tensor) -> LayerStatistics:
     """This chunk's sums: ``layer`` fed ``x``, target output ``y``."""
-    p, t = patches(layer, x.detach()), targets(layer, y.detach())
     # convs have one row per output position: their products run in float32 (the cost of reconstruction);
     # a Linear has one row per image, so its products run in float64 at little cost
-    compute = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(p.dtype, torch.float32)
-    p, t = p.to(compute), t.to(compute)
-    return LayerStatistics(
-        gram=(p @ p.transpose(1, 2)).double(),
-        cross=(p @ t).double(),
-        patch_sum=p.sum(2).double(),
-        target_sum=t.sum(1).double(),
-        rows=p.shape[2],
+    dtype = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(x.dtype, torch.float32)
+    x, y = x.detach().to(dtype), y.detach().to(dtype)
+    t = targets(layer, y)
+    if isinstance(layer, nn.Conv2d):
+        gram, cross, patch_sum = _conv_sums(layer, x, y)
+    else:
+        p = patches(layer, x)
+        gram, cross, patch_sum = p @ p.mT, p @ t, p.sum(2)
+    return LayerStatistics(gram.double(), cross.double(), patch_sum.double(), t.sum(1).double(), t.shape[1])
+
+
+def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(Gram, cross, patch sum) of the conv's patches, per group, from products of kernel-row pairs.
+
+    u holds, for each kernel column j, the padded input shifted by j (dilated, strided as the conv does): the
+    patch entries of kernel row i over all output rows are u's input rows i*d, i*d + s, ... One product of
+    u's rows with themselves shifted by (i' - i)*d gives every (c, i, j), (c', i', j') entry at once; with stride
+    1 the rows shared by all kernel rows are multiplied once per shift, and each pair adds only its edge rows.
+    With many output positions per image the products are batched over images (no copy beyond u), else u is
+    laid out so that each is one long product.
+    """
+    xp = _padded(conv, x)
+    (kh, kw), (dh, dw), (sh, sw), g = conv.kernel_size, conv.dilation, conv.stride, conv.groups
+    n, c, hp, _ = xp.shape
+    ho, wo = y.shape[2:]
+    cg = c // g
+    u = torch.stack([xp[..., j * dw : j * dw + sw * (wo - 1) + 1 : sw] for j in range(kw)], 2)  # (N, C, kw, Hp, Wo)
+    u = u.view(n, g, cg * kw, hp, wo)
+    t = y.reshape(n, g, -1, ho * wo).mT  # (N, g, Ho * Wo, O/g): rows as in u
+    if ho * wo < 8 * cg * kw:  # few positions per image: one long product beats a batch of short ones
+        u = u.permute(1, 2, 3, 0, 4).reshape(1, g, cg * kw, hp, n * wo)
+        t = t.reshape(n, g, ho, wo, -1).permute(1, 2, 0, 3, 4).reshape(1, g, ho * n * wo, -1)
+
+    def rows(first: int, count: int) -> torch.Tensor:  # (N, g, J, count * Wo): input rows first, first + s, ...
+        return u[:, :, :, first : first + sh * (count - 1) + 1 : sh].flatten(3)
+
+    def product(i: int, shift: int, lo: int, hi: int) -> torch.Tensor:  # kernel rows i, i + shift; output rows lo:hi
+        return (rows(i * dh + sh * lo, hi - lo) @ rows((i + shift) * dh + sh * lo, hi - lo).mT).sum(0)
+
+    blocks = {}
+    for shift in range(kh):
+        pairs = range(kh - shift)  # kernel row i pairs with i + shift
+        # stride 1: kernel row i reads input rows i*d + (0..ho-1); output rows p >= (kh-1-shift)*d read rows every
+        # pair reads, so multiply them once (as output rows of i = 0: p in [common, ho)) and add each pair's edges
+        common = (kh - 1 - shift) * dh
+        if sh == 1 and common < ho:
+            shared = product(0, shift, common, ho)
+            for i in pairs:
+                lead, tail = common - i * dh, i * dh  # pair i's rows before / after the shared ones
+                block = shared.clone()
+                if lead > 0:
+                    block += product(i, shift, 0, lead)
+                if tail > 0:
+                    block += product(i, shift, ho - tail, ho)
+                blocks[i, i + shift] = block
+        else:
+            for i in pairs:
+                blocks[i, i + shift] = product(i, shift, 0, ho)
+    gram = x.new_empty(g, cg, kh, kw, cg, kh, kw)
+    for (i, i2), block in blocks.items():
+        block = block.view(g, cg, kw, cg, kw)
+        gram[:, :, i, :, :, i2] = block
+        gram[:, :, i2, :, :, i] = block.permute(0, 3, 4, 1, 2)
+    cross = torch.stack([(rows(i * dh, ho) @ t).sum(0) for i in range(kh)], 2)  # (g, J, kh, O/g)
+    patch_sum = torch.stack([rows(i * dh, ho).sum((0, 3)) for i in range(kh)], 2)  # (g, J, kh)
+    k = cg * kh * kw
+    return (
+        gram.view(g, k, k),
+        cross.view(g, cg, kw, kh, -1).transpose(2, 3).reshape(g, k, -1),
+        patch_sum.view(g, cg, kw, kh).transpose(2, 3).reshape(g, k),
     )
 
 

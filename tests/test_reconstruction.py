@@ -18,8 +18,12 @@ from helpers import pruned_copy
 def explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """(N, out_h, out_w, in_channels, kh, kw) by looping over output positions: no unfold, no F.pad shortcuts."""
     mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-    ph, pw = conv.padding
-    x = nn.functional.pad(x, (pw, pw, ph, ph), mode=mode[conv.padding_mode])
+    if conv.padding == "same":  # total d * (k - 1) per side pair, the extra one after (checked against the conv)
+        (pt, pb), (pl, pr) = ((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                              for d, k in zip(conv.dilation, conv.kernel_size, strict=True))  # fmt: skip
+    else:
+        (pt, pl), (pb, pr) = conv.padding, conv.padding
+    x = nn.functional.pad(x, (pl, pr, pt, pb), mode=mode[conv.padding_mode])
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
     out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
@@ -151,3 +155,42 @@ def test_reconstruct_preset_is_one_walk():
         Reconstruct(damping=-1)
     with pytest.raises(ValueError, match="reconstruct.mask"):
         Reconstruct(mask="random")
+
+
+STATISTICS_CONVS = {  # (conv, input height and width): both product layouts, strides, edge cases of the row shifts
+    "3x3_batched": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (12, 12)),
+    "3x3_one_product": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (7, 8)),
+    "stride_rows": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=(2, 1), padding=1), (9, 7)),
+    "stride_columns_no_padding": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=(1, 2)), (8, 9)),
+    "image_smaller_than_kernel_reach": (dict(in_channels=2, out_channels=3, kernel_size=5, padding=2), (2, 3)),
+    "same_dilated_rectangular": (
+        dict(in_channels=3, out_channels=5, kernel_size=(5, 3), padding="same", dilation=(2, 1)), (9, 6)
+    ),  # fmt: skip
+    "grouped_reflect": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2,
+                             padding_mode="reflect"), (6, 6)),  # fmt: skip
+    "pointwise": (dict(in_channels=6, out_channels=4, kernel_size=1), (5, 5)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STATISTICS_CONVS))
+def test_conv_statistics_equal_those_of_explicit_patches(kind):
+    """The kernel-row-pair Gram, cross term and sums equal X^T X, X^T Y and the sums of explicitly built patches."""
+    torch.manual_seed(3)
+    config, size = STATISTICS_CONVS[kind]
+    conv = nn.Conv2d(**config).double()
+    x = torch.randn(3, conv.in_channels, *size, dtype=torch.float64)
+    y = torch.randn_like(conv(x))
+    stats = layer_statistics(conv, [x[:2], x[2:]], [y[:2], y[2:]])
+    patches = explicit_patches(conv, x)  # (N, out_h, out_w, C, kh, kw)
+    g, per_group_in, per_group_out = conv.groups, conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    for group in range(g):
+        design = patches[..., group * per_group_in : (group + 1) * per_group_in, :, :].flatten(3).flatten(0, 2)
+        outputs = slice(group * per_group_out, (group + 1) * per_group_out)
+        target = y[:, outputs].permute(0, 2, 3, 1).flatten(0, 2)
+        convolved = conv(x)[:, outputs].permute(0, 2, 3, 1).flatten(0, 2)  # the reference patches are the conv's
+        torch.testing.assert_close(design @ conv.weight[outputs].flatten(1).T + conv.bias[outputs], convolved)
+        torch.testing.assert_close(stats.gram[group], design.T @ design, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(stats.cross[group], design.T @ target, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(stats.patch_sum[group], design.sum(0), rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(stats.target_sum[group], target.sum(0), rtol=1e-12, atol=1e-10)
+    assert stats.rows == patches.shape[0] * patches.shape[1] * patches.shape[2]
