@@ -16,7 +16,7 @@ from torch import nn
 from .allocation import Allocation, allocate, allocation_table
 from .diagnostics import RRProfile
 from .masks import apply_masks, compute_masks, mask_violations
-from .repair import Operator, RepairReport, repair, timed
+from .repair import Activations, Operator, RepairReport, repair, timed
 
 Evaluate = Callable[[nn.Module, str], dict]  # (model, description) -> {"top1", "top5", "samples"}
 
@@ -62,12 +62,14 @@ def prune_and_repair(
     progress: Callable[[Iterable, str], Iterable] | None = None,
     profile: RRProfile | None = None,
     keep: Mapping[str, int] | None = None,
+    activations: Activations = "device",
 ) -> OneShotResult:
     """Prune a copy of ``dense`` to ``sparsity`` and repair it from unlabeled ``calibration`` batches.
 
     ``profile`` is the RR profile of ``dense`` that the RR-guided allocations need (a sweep computes it
     once for all its cells); ``keep``, per-layer keep counts already allocated for ``sparsity``, skips the
-    allocation. ``dense`` is left untouched. Masks are checked after the repair: a pruned
+    allocation. ``activations`` is where the repair keeps activations (``repair.repair``). ``dense`` is left
+    untouched. Masks are checked after the repair: a pruned
     weight that is not exactly zero is an error, never a silently denser model.
     """
     check_operators_fit(dense, recipe)
@@ -82,7 +84,7 @@ def prune_and_repair(
         pruned = evaluate(model, "evaluate pruned")
     with timed(timings, "repair"):
         report = repair(model, dense, calibration, recipe, progress=progress and (lambda it: progress(it, "repair")),
-                        masks=masks)  # fmt: skip
+                        masks=masks, activations=activations)  # fmt: skip
     masks = report.masks or masks  # reconstruction may re-select masks from its statistics (same counts)
     timings.update(report.timings)  # the reconstruction's share of the repair time
     violations = mask_violations(model, masks)

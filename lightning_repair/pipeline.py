@@ -27,7 +27,7 @@ from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
 from .models import NetworkSpec, build_network, input_channels, load_weights, network_config, output_classes
 from .oneshot import check_operators_fit, prune_and_repair, timed
-from .repair import describe, parse_recipe
+from .repair import STORES, Activations, describe, parse_recipe
 
 Sparsity = restricted_number_type("Sparsity", float, [(">=", 0.0), ("<", 1.0)])
 
@@ -50,6 +50,10 @@ class PruneRepairModule(pl.LightningModule):
         rr_repair: the channel-wise repair behind D_res and RR: ``vm`` (variance matching, the RR paper's),
             ``ls`` (least-squares affine fit), ``asr`` (the asr preset's shrunk gain) or ``reconstruct`` (the
             layer's own least-squares reconstruction; adds about the Gram cost of reconstruct to the profile).
+        activations: where the repair keeps the calibration set's activations as it walks the network: ``device``
+            (fastest), ``host`` (CPU memory, each chunk moved to the device only while a layer runs on it: device
+            memory no longer grows with data.calibration_size) or ``disk`` (a temporary directory under $TMPDIR,
+            deleted at the end: host memory no longer grows with it either). The repaired model is the same.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class PruneRepairModule(pl.LightningModule):
         save_model: bool = True,
         rr_grid: tuple[float, ...] | None = DEFAULT_GRID,
         rr_repair: Literal["vm", "ls", "asr", "reconstruct"] = "vm",
+        activations: Activations = "device",
     ):
         super().__init__()
         # the CLI's types check these too; repeated for the Python API
@@ -73,6 +78,8 @@ class PruneRepairModule(pl.LightningModule):
         self.rr_grid = check_grid(rr_grid or [])
         if rr_repair not in RR_REPAIRS:
             raise ValueError(f"model.rr_repair: {rr_repair!r} is not one of {RR_REPAIRS}")
+        if activations not in STORES:
+            raise ValueError(f"model.activations: {activations!r} is not one of {tuple(STORES)}")
         if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
             raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
         self.network = network
@@ -115,7 +122,8 @@ class PruneRepairModule(pl.LightningModule):
         with timed(timings, "evaluation"):
             acc_dense = test(dense, "evaluate dense")
         keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
-        result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep)
+        result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
+                                  activations=hp.activations)  # fmt: skip
         for key, seconds in result.timings.items():
             timings[key] = timings.get(key, 0.0) + seconds
 

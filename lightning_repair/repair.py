@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import math
 import operator
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -442,6 +444,119 @@ _HOMOGENEOUS_METHODS = ("relu", "relu_", "flatten")
 _EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout2d, StochasticDepth)  # modules that are x -> x in eval mode
 
 
+# ----------------------------------------------------------------------------- activation stores
+
+Activations = Literal["device", "host", "disk"]
+
+
+class ActivationStore:
+    """The per-chunk activations of graph nodes, kept on the models' device (``activations: device``).
+
+    ``store[node] = chunks`` stores the chunks one by one as the iterable yields them; ``store[node]`` iterates
+    over them (as often as asked), each brought to the device as it is reached. Subclasses keep them elsewhere.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.chunks: dict[fx.Node, list] = {}
+
+    def __setitem__(self, node: fx.Node, chunks: Iterable) -> None:
+        stored = [self._put(chunk) for chunk in chunks]
+        for old in self.chunks.get(node, ()):  # only now: the new chunks may be computed from the old ones
+            self._drop(old)
+        self.chunks[node] = stored
+
+    def __getitem__(self, node: fx.Node) -> Iterable:
+        return _Chunks(self, node)
+
+    def replace(self, node: fx.Node, index: int, value) -> None:
+        old, self.chunks[node][index] = self.chunks[node][index], self._put(value)
+        self._drop(old)
+
+    def pop(self, node: fx.Node) -> None:
+        for old in self.chunks.pop(node):
+            self._drop(old)
+
+    def _put(self, value):
+        return value
+
+    def _load(self, stored):
+        return stored
+
+    def _drop(self, stored) -> None:
+        return None
+
+
+@dataclass
+class _Chunks:
+    store: ActivationStore
+    node: fx.Node
+
+    def __iter__(self) -> Iterator:
+        return map(self.store._load, self.store.chunks[self.node])
+
+
+class HostStore(ActivationStore):
+    """In host memory, pinned when the device is a GPU (faster copies), a chunk on the device only while read."""
+
+    def _put(self, value):
+        return _map_tensors(value, self._to_host)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to("cpu")  # the tensor itself on a CPU device: nothing is copied
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _load(self, stored):
+        return _map_tensors(stored, lambda t: t.to(self.device, non_blocking=True))
+
+
+class DiskStore(ActivationStore):
+    """In a temporary directory, one file per node and chunk, deleted as soon as no later node reads it.
+
+    torch.save / torch.load(weights_only=True): loading runs no pickled code, and the files keep any node value
+    (a tensor with its dtype, strides and memory format, tuples of tensors, sizes) exactly. A view is saved with
+    its whole storage (exact, and rare in CNNs).
+    """
+
+    def __init__(self, device: torch.device, directory: str):
+        super().__init__(device)
+        self.directory = Path(tempfile.mkdtemp(dir=directory))  # one per store: file names restart at 0
+        self.serial = 0
+
+    def _put(self, value) -> Path:
+        path, self.serial = self.directory / f"{self.serial}.pt", self.serial + 1
+        torch.save(value, path)
+        return path
+
+    def _load(self, path: Path):
+        return torch.load(path, map_location=self.device, weights_only=True)
+
+    def _drop(self, path: Path) -> None:
+        path.unlink()
+
+
+STORES: dict[str, type[ActivationStore]] = {"device": ActivationStore, "host": HostStore, "disk": DiskStore}
+
+
+@contextmanager
+def _store_factory(activations: Activations, device: torch.device) -> Iterator[Callable[[], ActivationStore]]:
+    """Makes the walks' stores; the disk stores' directory is deleted on exit, also on error."""
+    if activations != "disk":
+        yield lambda: STORES[activations](device)
+        return
+    with tempfile.TemporaryDirectory(prefix="lightning-repair-") as directory:
+        yield lambda: DiskStore(device, directory)
+
+
+def _map_tensors(value, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A node's value (a tensor, tuples or lists of them, anything else) with ``fn`` applied to every tensor."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if type(value) in (tuple, list):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
 @torch.no_grad()
 def repair(
     pruned: nn.Module,
@@ -450,13 +565,20 @@ def repair(
     recipe: str | Sequence[dict | Operator],
     progress: Callable[[Iterable], Iterable] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
+    activations: Activations = "device",
 ) -> RepairReport:
     """Repair ``pruned`` in place from unlabeled ``batches``, using ``dense`` as the target.
 
     ``pruned`` and ``dense`` share an architecture; ``dense`` and ``batches`` are not modified. Both models run
     in eval mode (dropout off). ``masks`` (per prunable layer name) are the weights reconstruction may use; by
     default every non-zero weight. ``progress`` wraps each walk's node loop (e.g. tqdm) when given.
+    ``activations`` is where a walk keeps the live activations of every calibration chunk: on the models'
+    ``device``; in ``host`` memory, each chunk moved to the device only while a node runs on it (device memory
+    then does not grow with the calibration set); or on ``disk``, in a temporary directory deleted when the repair
+    ends (nor does host memory). The repaired model is the same bit for bit.
     """
+    if activations not in STORES:
+        raise ValueError(f"repair: activations {activations!r} is not one of {tuple(STORES)}")
     ops = parse_recipe(recipe)
     report = RepairReport()
     if not ops:
@@ -476,8 +598,9 @@ def repair(
     modes = (pruned.training, dense.training)
     pruned.eval(), dense.eval()
     try:
-        for walk in plan_walks(ops):
-            _Walk(pruned, dense, batches, walk, masks, report).run(progress)
+        with _store_factory(activations, next(pruned.parameters()).device) as new_store:
+            for walk in plan_walks(ops):
+                _Walk(pruned, dense, batches, walk, masks, report, new_store).run(progress)
     finally:
         pruned.train(modes[0]), dense.train(modes[1])
     if any(getattr(op, "mask", "magnitude") != "magnitude" for op in ops):
@@ -488,7 +611,7 @@ def repair(
 class _Walk:
     """One progressive pass of a group of operators over the traced graph (see the module docstring)."""
 
-    def __init__(self, pruned, dense, batches, ops, masks, report):
+    def __init__(self, pruned, dense, batches, ops, masks, report, new_store):
         self.ops, self.masks, self.report, self.batches = ops, masks, report, batches
         self.graph = trace(pruned)
         self.mods_p, self.mods_d = dict(pruned.named_modules()), dict(dense.named_modules())
@@ -498,8 +621,7 @@ class _Walk:
         ]
         self.classifier = linears[-1] if linears else None  # the last Linear, as in layers.prunable_layers
         self.recalibrate = any(op.recalibrate_bn for op in ops)
-        self.env_p: dict[fx.Node, list] = {}
-        self.env_d: dict[fx.Node, list] = {}
+        self.env_p, self.env_d = new_store(), new_store()  # node -> its per-chunk activations
         self.scale: dict[fx.Node, torch.Tensor] = {}  # pending per-channel scale: true activation = scale * stored
         report.walks.append([op.op for op in ops])
 
@@ -507,10 +629,8 @@ class _Walk:
         last_use = {inp: i for i, node in enumerate(self.nodes) for inp in node.all_input_nodes}
         for index, node in enumerate(progress(self.nodes) if progress else self.nodes):
             if node.op == "placeholder":  # clones: an in-place first op must not touch the caller's batches
-                self.env_p[node], self.env_d[node] = (
-                    [b.clone() for b in self.batches],
-                    [b.clone() for b in self.batches],
-                )
+                self.env_p[node] = (b.clone() for b in self.batches)
+                self.env_d[node] = (b.clone() for b in self.batches)
                 continue
             if node.op == "output":
                 pending = [a for a in node.all_input_nodes if a in self.scale]
@@ -523,13 +643,14 @@ class _Walk:
                 self._at_bn(node, module)
             if self._is_block(node) and any("block" in op.sites for op in self.ops):
                 self._at_block(node)
-            self.env_d[node] = _run(node, self.env_d, self.mods_d, len(self.batches))
+            read_later = {inp for inp in node.all_input_nodes if last_use[inp] > index}
+            self.env_d[node] = _run(node, self.env_d, self.mods_d, len(self.batches), read_later)
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 self._at_layer(node, module)
-            self.env_p[node] = _run(node, self.env_p, self.mods_p, len(self.batches))
+            self.env_p[node] = _run(node, self.env_p, self.mods_p, len(self.batches), read_later)
             for inp in node.all_input_nodes:  # free activations nobody needs any more
-                if last_use[inp] <= index:
-                    self.env_p.pop(inp, None), self.env_d.pop(inp, None)
+                if inp not in read_later:
+                    self.env_p.pop(inp), self.env_d.pop(inp)
 
     # -- pending scales of the identity stream
 
@@ -589,7 +710,7 @@ class _Walk:
             raise ValueError(f"BatchNorm {name} tracks no running statistics (track_running_stats=False): "
                              f"{', '.join(op.op for op in self.ops)} cannot act on it")  # fmt: skip
         x_p, x_d = self.env_p[node.args[0]], self.env_d[node.args[0]]
-        m = accumulate(list(zip(x_p, x_d, strict=True))).check_finite(f"BN input of {name}")
+        m = accumulate(zip(x_p, x_d, strict=True)).check_finite(f"BN input of {name}")
         ratio = m.cov[0, 0] / m.cov[1, 1].clamp_min(_EPS_VAR)
         if self.recalibrate:
             recalibrate(bn, m)
@@ -610,15 +731,16 @@ class _Walk:
         streams = [a for a in operands if not self._bn_operand(a)]
         if len(streams) > 1 or (len(operands) == 2 and operands[0] is operands[1]):
             raise UnfoldableCorrectionError(f"residual sum {node.name}: no BatchNorm operand to fold a correction into")
-        z_d = [a + b for a, b in zip(self.env_d[operands[0]], self.env_d[operands[1]], strict=True)]
-        shape = (1, -1) + (1,) * (z_d[0].dim() - 2)
-        channels = z_d[0].shape[1]
-        ones = torch.ones(channels, dtype=torch.float64, device=z_d[0].device)
+        first = next(iter(self.env_d[operands[0]]))
+        shape = (1, -1) + (1,) * (first.dim() - 2)
+        ones = torch.ones(first.shape[1], dtype=torch.float64, device=first.device)
         scales = {a: self.scale.get(a, ones) for a in operands}  # true operand = scale * stored
         for op in (op for op in self.ops if "block" in op.sites):  # others (a classifier refit) skip the moments
-            true = [sum(self.env_p[a][i] * scales[a].view(shape).to(z_d[0].dtype) for a in operands)
-                    for i in range(len(z_d))]  # fmt: skip
-            m = accumulate(list(zip(true, z_d, strict=True))).check_finite(f"residual sum {node.name}")
+            # chunk by chunk: the pruned sum (true operands) and the dense sum are never held for all chunks
+            true = (sum(t * scales[a].view(shape).to(t.dtype) for a, t in zip(operands, chunk, strict=True))
+                    for chunk in zip(*(self.env_p[a] for a in operands), strict=True))  # fmt: skip
+            z_d = (a + b for a, b in zip(self.env_d[operands[0]], self.env_d[operands[1]], strict=True))
+            m = accumulate(zip(true, z_d, strict=True)).check_finite(f"residual sum {node.name}")
             correction = op.block_correction(m)
             if correction is None:
                 continue
@@ -631,9 +753,9 @@ class _Walk:
             for i, a in enumerate(a for a in operands if a not in streams):
                 factor, shift = g * scales[a] / out, (b if i == 0 else torch.zeros_like(b)) / out
                 fold_affine(self.mods_p[self._bn_of(a).target], factor, shift)
-                self.env_p[a] = [
+                self.env_p[a] = (
                     t * factor.view(shape).to(t.dtype) + shift.view(shape).to(t.dtype) for t in self.env_p[a]
-                ]
+                )
             scales = {a: out for a in operands}
             self.report.gains[node.name] = g.float().cpu()
         if node.name not in self.report.block_sites:
@@ -711,24 +833,35 @@ def _select_mask(rule: str, dense_weight: torch.Tensor, stats, mask: torch.Tenso
     return chosen.view(mask.shape).to(mask.device)
 
 
-def _run(node: fx.Node, env: dict[fx.Node, list], modules: dict[str, nn.Module], n_chunks: int) -> list:
-    """Evaluate one graph node on every calibration chunk."""
-    outputs = []
+def _run(
+    node: fx.Node, env: ActivationStore, modules: dict[str, nn.Module], n_chunks: int, read_later: set[fx.Node]
+) -> Iterator:
+    """Evaluate one graph node chunk by chunk, yielding each chunk's output as soon as it is computed.
+
+    An input that the node changed in place (``out += identity``, an in-place ReLU) and that a later node reads is
+    written back to ``env``: a stored copy (host, disk) would otherwise keep the value from before the change.
+    """
+    chunks = {a: iter(env[a]) for a in node.all_input_nodes}
     for i in range(n_chunks):
-        args = fx.node.map_arg(node.args, lambda a, i=i: env[a][i])
-        kwargs = fx.node.map_arg(node.kwargs, lambda a, i=i: env[a][i])
+        inputs = {a: next(it) for a, it in chunks.items()}
+        versions = {a: t._version for a, t in inputs.items() if a in read_later and isinstance(t, torch.Tensor)}
+        args = fx.node.map_arg(node.args, inputs.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, inputs.__getitem__)
         if node.op == "call_module":
-            outputs.append(modules[node.target](*args, **kwargs))
+            output = modules[node.target](*args, **kwargs)
         elif node.op == "call_function":
-            outputs.append(node.target(*args, **kwargs))
+            output = node.target(*args, **kwargs)
         elif node.op == "call_method":
             self_obj, *rest = args
-            outputs.append(getattr(self_obj, node.target)(*rest, **kwargs))
+            output = getattr(self_obj, node.target)(*rest, **kwargs)
         elif node.op == "get_attr":
-            outputs.append(_fetch_attr(modules[""], node.target))
+            output = _fetch_attr(modules[""], node.target)
         else:
             raise NotImplementedError(f"unsupported graph node {node.op}")
-    return outputs
+        for a, version in versions.items():
+            if inputs[a]._version != version:
+                env.replace(a, i, inputs[a])
+        yield output
 
 
 def _fetch_attr(root: nn.Module, target: str):

@@ -69,7 +69,7 @@ from .export import atomic_write_bytes, atomic_write_json
 from .models import NetworkSpec, network_config
 from .oneshot import OneShotResult, prune_and_repair, timed
 from .pipeline import PruneRepairModule, Sparsity, init_args, load_calibration, load_dense
-from .repair import Operator, parse_recipe
+from .repair import Activations, Operator, parse_recipe
 
 RESULTS = "results.csv"
 PLOT = "accuracy_vs_sparsity.png"
@@ -296,6 +296,7 @@ def run_sweep(
     device: torch.device | str = "cpu",
     config: str | None = None,
     rr_repair: str = "vm",
+    activations: Activations = "device",
 ) -> list[dict]:
     """Run the cells missing from ``output/results.csv``, adding each row as it finishes; return the cells' rows.
 
@@ -328,9 +329,8 @@ def run_sweep(
             for cell in seed_cells:
                 bar.set_postfix_str(f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}")
                 start = time.perf_counter()
-                result = prune_and_repair(
-                    dense, calibration, cell.sparsity, cell.allocation_spec, cell.recipe, test, profile=profile
-                )
+                result = prune_and_repair(dense, calibration, cell.sparsity, cell.allocation_spec, cell.recipe, test,
+                                          profile=profile, activations=activations)  # fmt: skip
                 rows.append(_row(cell, acc_dense, result, shared, sum(map(len, calibration))))
                 write_results(output / RESULTS, rows)
                 bar.write(
@@ -508,7 +508,7 @@ def sweep(args: list[str] | None = None) -> None:
     cells = grid_cells(cli.config_init.grid, model, dm)
     network = model.hparams.network  # the config form: it names the architecture in sweep.json
     rows = run_sweep(network, dm, cells, output, trainer.strategy.root_device, cli.parser.dump(cli.config),
-                     model.hparams.rr_repair)
+                     model.hparams.rr_repair, model.hparams.activations)  # fmt: skip
     print(report(rows, output))
     print(f"\n{len(rows)} cells in {output / RESULTS}; figure {output / PLOT}; table {output / TABLE}")
 
