@@ -29,6 +29,7 @@ from torch import nn
 from .stats import all_reduce_sum
 
 _CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
+_CONV_SLICE_ELEMENTS = 1 << 22  # shifted input copies formed at once: small enough to stay in cache while multiplied
 
 
 def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +126,10 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
     dtype = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(x.dtype, torch.float32)
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     t = targets(layer, y)
-    if isinstance(layer, nn.Conv2d):
-        gram, cross, patch_sum = _conv_sums(layer, x, y)
+    if isinstance(layer, nn.Conv2d):  # in slices of images whose shifted copies stay in cache while multiplied
+        size = max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * layer.kernel_size[1]))
+        parts = [_conv_sums(layer, a, b) for a, b in zip(x.split(size), y.split(size), strict=True)]
+        gram, cross, patch_sum = (sum(part.double() for part in same) for same in zip(*parts, strict=True))
     else:
         p = patches(layer, x)
         gram, cross, patch_sum = p @ p.mT, p @ t, p.sum(2)
@@ -148,12 +151,14 @@ def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     n, c, hp, _ = xp.shape
     ho, wo = y.shape[2:]
     cg = c // g
-    u = torch.stack([xp[..., j * dw : j * dw + sw * (wo - 1) + 1 : sw] for j in range(kw)], 2)  # (N, C, kw, Hp, Wo)
-    u = u.view(n, g, cg * kw, hp, wo)
-    t = y.reshape(n, g, -1, ho * wo).mT  # (N, g, Ho * Wo, O/g): rows as in u
-    if ho * wo < 8 * cg * kw:  # few positions per image: one long product beats a batch of short ones
-        u = u.permute(1, 2, 3, 0, 4).reshape(1, g, cg * kw, hp, n * wo)
-        t = t.reshape(n, g, ho, wo, -1).permute(1, 2, 0, 3, 4).reshape(1, g, ho * n * wo, -1)
+    columns = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
+    if ho * wo >= 8 * cg * kw:  # many positions per image: a batch of products over images, then a sum
+        u = torch.stack([xp[..., cols] for cols in columns], 2).view(n, g, cg * kw, hp, wo)  # (N, g, J, Hp, Wo)
+        t = y.reshape(n, g, -1, ho * wo).mT  # (N, g, Ho * Wo, O/g): rows as in u
+    else:  # few: images side by side in each row, one long product
+        xp = xp.permute(1, 2, 0, 3)  # (C, Hp, N, Wp)
+        u = torch.stack([xp[..., cols] for cols in columns], 1).view(1, g, cg * kw, hp, n * wo)
+        t = y.reshape(n, g, -1, ho, wo).permute(1, 3, 0, 4, 2).reshape(1, g, ho * n * wo, -1)
 
     def rows(first: int, count: int) -> torch.Tensor:  # (N, g, J, count * Wo): input rows first, first + s, ...
         return u[:, :, :, first : first + sh * (count - 1) + 1 : sh].flatten(3)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_repair import reconstruction
 from lightning_repair.masks import mask_violations
 from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
 from lightning_repair.repair import PRESETS, Reconstruct, repair
@@ -172,9 +173,13 @@ STATISTICS_CONVS = {  # (conv, input height and width): both product layouts, st
 }
 
 
+@pytest.mark.parametrize("one_image_per_slice", [False, True])
 @pytest.mark.parametrize("kind", sorted(STATISTICS_CONVS))
-def test_conv_statistics_equal_those_of_explicit_patches(kind):
-    """The kernel-row-pair Gram, cross term and sums equal X^T X, X^T Y and the sums of explicitly built patches."""
+def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_slice, monkeypatch):
+    """The kernel-row-pair Gram, cross term and sums equal X^T X, X^T Y and the sums of explicitly built patches,
+    whether a chunk is multiplied whole or image by image."""
+    if one_image_per_slice:
+        monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS", 1)
     torch.manual_seed(3)
     config, size = STATISTICS_CONVS[kind]
     conv = nn.Conv2d(**config).double()
