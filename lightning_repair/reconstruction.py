@@ -139,65 +139,53 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
 def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(Gram, cross, patch sum) of the conv's patches, per group, from products of kernel-row pairs.
 
-    u holds, for each kernel column j, the padded input shifted by j (dilated, strided as the conv does): the
-    patch entries of kernel row i over all output rows are u's input rows i*d, i*d + s, ... One product of
-    u's rows with themselves shifted by (i' - i)*d gives every (c, i, j), (c', i', j') entry at once; with stride
-    1 the rows shared by all kernel rows are multiplied once per shift, and each pair adds only its edge rows.
-    With many output positions per image the products are batched over images (no copy beyond u), else u is
-    laid out so that each is one long product.
+    u holds, for each kernel column j, the padded input shifted by j (dilated, strided as the conv does), images
+    side by side in each row: the patch entries of kernel row i over all output rows are u's input rows i*d,
+    i*d + s, ... One product of u's rows with themselves shifted by (i' - i)*d gives every (c, i, j), (c', i', j')
+    entry at once; with stride 1 the rows shared by all kernel rows are multiplied once per shift, and each pair
+    adds only its edge rows.
     """
-    xp = _padded(conv, x)
+    xp = _padded(conv, x).permute(1, 2, 0, 3)  # (C, Hp, N, Wp)
     (kh, kw), (dh, dw), (sh, sw), g = conv.kernel_size, conv.dilation, conv.stride, conv.groups
-    n, c, hp, _ = xp.shape
+    c, hp, n, _ = xp.shape
     ho, wo = y.shape[2:]
     cg = c // g
-    columns = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
-    if ho * wo >= 8 * cg * kw:  # many positions per image: a batch of products over images, then a sum
-        u = torch.stack([xp[..., cols] for cols in columns], 2).view(n, g, cg * kw, hp, wo)  # (N, g, J, Hp, Wo)
-        t = y.reshape(n, g, -1, ho * wo).mT  # (N, g, Ho * Wo, O/g): rows as in u
-    else:  # few: images side by side in each row, one long product
-        xp = xp.permute(1, 2, 0, 3)  # (C, Hp, N, Wp)
-        u = torch.stack([xp[..., cols] for cols in columns], 1).view(1, g, cg * kw, hp, n * wo)
-        t = y.reshape(n, g, -1, ho, wo).permute(1, 3, 0, 4, 2).reshape(1, g, ho * n * wo, -1)
+    u = torch.stack([xp[..., j * dw : j * dw + sw * (wo - 1) + 1 : sw] for j in range(kw)], 1)  # (C, kw, Hp, N, Wo)
+    u = u.view(g, cg * kw, hp, n * wo)
+    # targets in u's row order, with a constant column whose cross term is the patch sum
+    t = y.reshape(n, g, -1, ho, wo).permute(1, 3, 0, 4, 2).reshape(g, ho * n * wo, -1)
+    t = torch.cat([t, t.new_ones(g, len(t[0]), 1)], 2)
 
-    def rows(first: int, count: int) -> torch.Tensor:  # (N, g, J, count * Wo): input rows first, first + s, ...
-        return u[:, :, :, first : first + sh * (count - 1) + 1 : sh].flatten(3)
+    def rows(first: int, count: int) -> torch.Tensor:  # (g, J, count * N * Wo): input rows first, first + s, ...
+        return u[:, :, first : first + sh * (count - 1) + 1 : sh].flatten(2)
 
     def product(i: int, shift: int, lo: int, hi: int) -> torch.Tensor:  # kernel rows i, i + shift; output rows lo:hi
-        return (rows(i * dh + sh * lo, hi - lo) @ rows((i + shift) * dh + sh * lo, hi - lo).mT).sum(0)
+        return rows(i * dh + sh * lo, hi - lo) @ rows((i + shift) * dh + sh * lo, hi - lo).mT
 
-    blocks = {}
+    gram = x.new_empty(g, cg, kh, kw, cg, kh, kw)
     for shift in range(kh):
         pairs = range(kh - shift)  # kernel row i pairs with i + shift
         # stride 1: kernel row i reads input rows i*d + (0..ho-1); output rows p >= (kh-1-shift)*d read rows every
         # pair reads, so multiply them once (as output rows of i = 0: p in [common, ho)) and add each pair's edges
         common = (kh - 1 - shift) * dh
-        if sh == 1 and common < ho:
-            shared = product(0, shift, common, ho)
-            for i in pairs:
+        shared = product(0, shift, common, ho) if sh == 1 and common < ho else None
+        for i in pairs:
+            if shared is None:
+                block = product(i, shift, 0, ho)
+            else:
                 lead, tail = common - i * dh, i * dh  # pair i's rows before / after the shared ones
                 block = shared.clone()
                 if lead > 0:
                     block += product(i, shift, 0, lead)
                 if tail > 0:
                     block += product(i, shift, ho - tail, ho)
-                blocks[i, i + shift] = block
-        else:
-            for i in pairs:
-                blocks[i, i + shift] = product(i, shift, 0, ho)
-    gram = x.new_empty(g, cg, kh, kw, cg, kh, kw)
-    for (i, i2), block in blocks.items():
-        block = block.view(g, cg, kw, cg, kw)
-        gram[:, :, i, :, :, i2] = block
-        gram[:, :, i2, :, :, i] = block.permute(0, 3, 4, 1, 2)
-    cross = torch.stack([(rows(i * dh, ho) @ t).sum(0) for i in range(kh)], 2)  # (g, J, kh, O/g)
-    patch_sum = torch.stack([rows(i * dh, ho).sum((0, 3)) for i in range(kh)], 2)  # (g, J, kh)
+            block = block.view(g, cg, kw, cg, kw)
+            gram[:, :, i, :, :, i + shift] = block
+            gram[:, :, i + shift, :, :, i] = block.permute(0, 3, 4, 1, 2)
+    cross = torch.stack([rows(i * dh, ho) @ t for i in range(kh)], 2)  # (g, J, kh, O/g + 1)
     k = cg * kh * kw
-    return (
-        gram.view(g, k, k),
-        cross.view(g, cg, kw, kh, -1).transpose(2, 3).reshape(g, k, -1),
-        patch_sum.view(g, cg, kw, kh).transpose(2, 3).reshape(g, k),
-    )
+    cross = cross.view(g, cg, kw, kh, -1).transpose(2, 3).reshape(g, k, -1)
+    return gram.view(g, k, k), cross[..., :-1], cross[..., -1]
 
 
 def layer_statistics(

@@ -158,9 +158,9 @@ def test_reconstruct_preset_is_one_walk():
         Reconstruct(mask="random")
 
 
-STATISTICS_CONVS = {  # (conv, input height and width): both product layouts, strides, edge cases of the row shifts
-    "3x3_batched": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (12, 12)),
-    "3x3_one_product": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (7, 8)),
+STATISTICS_CONVS = {  # (conv, input height and width): strides, edge cases of the row shifts
+    "3x3_12x12": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (12, 12)),
+    "3x3_7x8": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (7, 8)),
     "stride_rows": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=(2, 1), padding=1), (9, 7)),
     "stride_columns_no_padding": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=(1, 2)), (8, 9)),
     "image_smaller_than_kernel_reach": (dict(in_channels=2, out_channels=3, kernel_size=5, padding=2), (2, 3)),
