@@ -51,11 +51,11 @@ from torch import nn
 
 from .layers import PrunableLayer, prunable_layers
 from .reconstruction import LayerStatistics, chunk_statistics, reconstruct_layer
-from .repair import VarianceMatching
+from .repair import Reconstruct, VarianceMatching
 from .stats import Moments
 
 RR_REPAIRS = ("vm", "ls", "asr", "reconstruct")
-RR_RECONSTRUCT_DAMPING = 0.01  # as the reconstruct operator's default
+RR_RECONSTRUCT_DAMPING = Reconstruct.damping  # the reconstruct operator's default
 
 DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 

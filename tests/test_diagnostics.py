@@ -32,6 +32,7 @@ from lightning_repair.diagnostics import (
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import magnitude_mask
 from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
+from lightning_repair.repair import Reconstruct
 
 from helpers import calibrated_dense
 
@@ -157,7 +158,7 @@ def test_reconstruct_repair_equals_explicit_reconstruction(kind, batches):
             mask = magnitude_mask(layer.module.weight, layer.numel - round(s * layer.numel))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                reconstruct_layer(solved, stats, mask, 0.01)
+                reconstruct_layer(solved, stats, mask, Reconstruct.damping)  # the operator's default
             with torch.no_grad():
                 errors = [
                     (solved(x).double() - y.double()).square().sum() for x, y in zip(inputs, outputs, strict=True)
