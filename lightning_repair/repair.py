@@ -786,7 +786,7 @@ class _Walk:
         if "classifier" not in op.sites or op.damping_for(True) is not None:  # no input correction: skip the moments
             return
         x_p, x_d = self.env_p[node.args[0]], self.env_d[node.args[0]]
-        m = accumulate([(p.reshape(len(p), -1), d.reshape(len(d), -1)) for p, d in zip(x_p, x_d, strict=True)])
+        m = accumulate((p.reshape(len(p), -1), d.reshape(len(d), -1)) for p, d in zip(x_p, x_d, strict=True))
         correction = op.classifier_input_correction(m.check_finite(f"input of {node.target}"))
         if correction is None:
             return

@@ -7,7 +7,7 @@ reduced per chunk in float32 around the chunk's channel means and accumulated as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +76,8 @@ class Moments:
         return self
 
 
-def accumulate(chunks: Sequence[Sequence[torch.Tensor]]) -> Moments:
-    """Moments over a list of chunks, each a list of k same-shaped tensors; reduced across processes."""
+def accumulate(chunks: Iterable[Sequence[torch.Tensor]]) -> Moments:
+    """Moments over chunks, each a sequence of k same-shaped tensors; reduced across processes."""
     total = None
     for tensors in chunks:
         m = Moments.of(tensors)
