@@ -222,6 +222,9 @@ class Reconstruct(SiteHooks):
         mask: ``magnitude`` keeps the masks as given; ``wanda`` (|w| * ||x_j||) and ``obs`` (w^2 / [H^-1]_jj)
             re-select each layer's mask from the dense weights and the Gram of its repaired input, keeping the
             allocation's count per layer.
+        mask_scope: where a re-selected mask's weights compete: across the whole ``layer`` (top-k of the layer), or
+            within each output ``row`` (the same count in every row, as Wanda compares them; the remainder goes to
+            the rows whose next weight scores highest).
     """
 
     op: Literal["reconstruct"] = "reconstruct"
@@ -229,6 +232,7 @@ class Reconstruct(SiteHooks):
     damping: float = 0.001
     recalibrate_bn: bool = True
     mask: Literal["magnitude", "wanda", "obs"] = "magnitude"
+    mask_scope: Literal["layer", "row"] = "layer"
 
     def __post_init__(self):
         _check_damping("reconstruct.damping", self.damping)
@@ -236,6 +240,10 @@ class Reconstruct(SiteHooks):
             raise ValueError(f"reconstruct.layers: {self.layers!r} is not one of ('all', 'classifier')")
         if self.mask not in ("magnitude", "wanda", "obs"):
             raise ValueError(f"reconstruct.mask: {self.mask!r} is not one of ('magnitude', 'wanda', 'obs')")
+        if self.mask_scope not in ("layer", "row"):
+            raise ValueError(f"reconstruct.mask_scope: {self.mask_scope!r} is not one of ('layer', 'row')")
+        if self.mask_scope == "row" and self.mask == "magnitude":
+            raise ValueError("reconstruct.mask_scope: 'row' re-selects masks, so it needs mask 'wanda' or 'obs'")
         if not isinstance(self.recalibrate_bn, bool):
             raise ValueError(f"reconstruct.recalibrate_bn must be true or false, got {self.recalibrate_bn!r}")
 
@@ -777,7 +785,9 @@ class _Walk:
                 stats = layer_statistics(module, self.env_p[node.args[0]], self.env_d[node])
             with timed(self.report.timings, "reconstruction_solve"):
                 if getattr(op, "mask", "magnitude") != "magnitude":
-                    self.masks[name] = _select_mask(op.mask, self.mods_d[name].weight, stats, self.masks[name], damping)
+                    self.masks[name] = _select_mask(
+                        op.mask, op.mask_scope, self.mods_d[name].weight, stats, self.masks[name], damping
+                    )
                 reconstruct_layer(module, stats, self.masks[name], damping, name)
             if name not in self.report.layer_sites:
                 self.report.layer_sites.append(name)
@@ -817,8 +827,11 @@ def _is_homogeneous(node: fx.Node, module: nn.Module | None) -> bool:
     return node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS
 
 
-def _select_mask(rule: str, dense_weight: torch.Tensor, stats, mask: torch.Tensor, damping: float) -> torch.Tensor:
-    """The layer's mask re-selected by ``rule`` from the Gram of its input, keeping its count (ties by position)."""
+def _select_mask(
+    rule: str, scope: str, dense_weight: torch.Tensor, stats, mask: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """The layer's mask re-selected by ``rule`` from the Gram of its input, keeping its count, top-k of the whole
+    layer or the same count per output row (``scope``); ties by position."""
     groups, k = stats.gram.shape[:2]
     w = dense_weight.detach().double().reshape(groups, -1, k)
     diagonal = stats.gram.diagonal(dim1=1, dim2=2)  # (groups, K)
@@ -828,9 +841,21 @@ def _select_mask(rule: str, dense_weight: torch.Tensor, stats, mask: torch.Tenso
         lam = damping * diagonal.mean(1, keepdim=True).clamp_min(1e-12)
         damped = stats.gram + torch.diag_embed(lam.expand(groups, k))
         score = w.square() / torch.linalg.inv(damped).diagonal(dim1=1, dim2=2)[:, None, :]
-    order = torch.sort(score.flatten(), descending=True, stable=True).indices
-    chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    chosen[order[: int(mask.sum())]] = True
+    count = int(mask.sum())
+    if scope == "layer":
+        ranked = torch.sort(score.flatten(), descending=True, stable=True).indices
+        chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+        chosen[ranked[:count]] = True
+        return chosen.view(mask.shape).to(mask.device)
+    rows = score.reshape(-1, k)
+    ranked = torch.sort(rows, dim=1, descending=True, stable=True)
+    base, extra = divmod(count, len(rows))
+    per_row = torch.full((len(rows),), base, device=rows.device)
+    if extra:  # the rows whose next weight scores highest keep one more
+        next_best = ranked.values[:, base]
+        per_row[torch.sort(next_best, descending=True, stable=True).indices[:extra]] += 1
+    keep = torch.arange(k, device=rows.device)[None] < per_row[:, None]
+    chosen = torch.zeros_like(keep).scatter(1, ranked.indices, keep)
     return chosen.view(mask.shape).to(mask.device)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from lightning_repair import reconstruction
 from lightning_repair.masks import mask_violations
 from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
-from lightning_repair.repair import PRESETS, Reconstruct, repair
+from lightning_repair.repair import PRESETS, Reconstruct, _select_mask, repair
 
 from helpers import pruned_copy
 
@@ -128,13 +128,15 @@ def test_fewer_rows_than_unknowns_warns():
     assert torch.isfinite(linear.weight).all()
 
 
-@pytest.mark.parametrize("mask_rule", ["magnitude", "wanda", "obs"])
-def test_reconstruct_preset_holds_masks_and_beats_bn_recalibration(dense, batches, mask_rule):
-    """Every layer re-solved: masks hold exactly (re-selected ones keep each layer's count), and the output is
-    closer to the dense output than BN recalibration alone leaves it."""
+@pytest.mark.parametrize(
+    "mask_rule, scope", [("magnitude", "layer"), ("wanda", "layer"), ("obs", "layer"), ("wanda", "row"), ("obs", "row")]
+)
+def test_reconstruct_preset_holds_masks_and_beats_bn_recalibration(dense, batches, mask_rule, scope):
+    """Every layer re-solved: masks hold exactly (re-selected ones keep each layer's count, row-scoped ones spread
+    it evenly over the rows), and the output is closer to the dense output than BN recalibration alone leaves it."""
     pruned, masks = pruned_copy(dense, 0.9)
     recal = copy.deepcopy(pruned)
-    report = repair(pruned, dense, batches, [Reconstruct(mask=mask_rule)], masks=masks)
+    report = repair(pruned, dense, batches, [Reconstruct(mask=mask_rule, mask_scope=scope)], masks=masks)
     repair(recal, dense, batches, "bn_recalibration")
     final = report.masks or masks
     assert mask_violations(pruned, final) == {}
@@ -142,6 +144,10 @@ def test_reconstruct_preset_holds_masks_and_beats_bn_recalibration(dense, batche
     assert (report.masks is None) == (mask_rule == "magnitude")
     if mask_rule != "magnitude":
         assert any(not torch.equal(final[k], masks[k]) for k in masks)
+    if scope == "row":
+        for name, mask in final.items():
+            per_row = mask.reshape(len(mask), -1).sum(1)
+            assert int(per_row.max() - per_row.min()) <= 1, name
     x = torch.cat(batches)
     with torch.no_grad():
         target = dense(x)
@@ -156,6 +162,24 @@ def test_reconstruct_preset_is_one_walk():
         Reconstruct(damping=-1)
     with pytest.raises(ValueError, match="reconstruct.mask"):
         Reconstruct(mask="random")
+    with pytest.raises(ValueError, match="needs mask 'wanda' or 'obs'"):
+        Reconstruct(mask_scope="row")
+
+
+def test_row_scoped_mask_keeps_each_rows_top_scores():
+    """Per row, the kept weights are the row's highest Wanda scores; the remainder goes to the best next scores."""
+    torch.manual_seed(4)
+    weight = torch.randn(3, 5, dtype=torch.float64)
+    x = torch.randn(40, 5, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)
+    stats = layer_statistics(nn.Linear(5, 3, bias=False).double(), [x], [x[:, :3]])
+    count = 7  # 2 per row, one row gets a third
+    chosen = _select_mask("wanda", "row", weight, stats, torch.arange(15).view(3, 5) < count, 0.01)
+    score = weight.abs() * x.square().sum(0).sqrt()
+    ranked = score.argsort(1, descending=True)
+    third = score.gather(1, ranked[:, 2:3]).squeeze(1).argmax()
+    for row in range(3):
+        kept = 3 if row == third else 2
+        assert set(chosen[row].nonzero().flatten().tolist()) == set(ranked[row, :kept].tolist())
 
 
 STATISTICS_CONVS = {  # (conv, input height and width): strides, edge cases of the row shifts
