@@ -29,7 +29,7 @@ from torch import nn
 from .stats import all_reduce_sum
 
 _CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
-_CONV_SLICE_ELEMENTS = 1 << 22  # shifted input copies formed at once: small enough to stay in cache while multiplied
+_CONV_SLICE_ELEMENTS = 1 << 22  # shifted input copies formed at once (16 MB): faster than whole chunks on CPU
 
 
 def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
     dtype = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(x.dtype, torch.float32)
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     t = targets(layer, y)
-    if isinstance(layer, nn.Conv2d):  # in slices of images whose shifted copies stay in cache while multiplied
+    if isinstance(layer, nn.Conv2d):  # in slices of images, each formed and multiplied while still in cache
         size = max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * layer.kernel_size[1]))
         parts = [_conv_sums(layer, a, b) for a, b in zip(x.split(size), y.split(size), strict=True)]
         gram, cross, patch_sum = (sum(part.double() for part in same) for same in zip(*parts, strict=True))
