@@ -19,7 +19,7 @@ identity block with a zero right side, so it solves to 0), in chunks bounded in 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -189,7 +189,7 @@ def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
 
 
 def layer_statistics(
-    layer: nn.Conv2d | nn.Linear, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+    layer: nn.Conv2d | nn.Linear, inputs: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor]
 ) -> LayerStatistics:
     """Sufficient statistics of ``layer`` fed ``inputs`` (chunks) for the target ``outputs`` (same chunks),
     summed over this process's chunks and across processes."""
