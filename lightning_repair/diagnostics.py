@@ -15,8 +15,9 @@ repair shifts each channel onto the dense mean and scales it by g_c, which ``rep
 - ``ls``: the least-squares affine fit, residual n (var_d - cov_pd^2 / var_p) = n var_d (1 - rho_c^2);
 - ``asr``: the gain of the ``asr`` repair (variance matching shrunk toward the layer gain with weight rho_c^2);
 - ``reconstruct``: not a channel-wise repair but the layer's own reconstruction: its kept weights and bias re-solved
-  by ridge least squares (damping 1%) to the dense output on the dense input; the input Gram collected in the same
-  pass serves every grid point (its cost: about in/groups * kh * kw / out times the layer's forward, once).
+  by ridge least squares (the ``reconstruct`` operator's default damping) to the dense output on the dense input;
+  the input Gram collected in the same pass serves every grid point (its cost, once: about kw * in/groups / out
+  times the layer's forward FLOPs, see reconstruction.py).
 
 A constant P (no weight left, or none seeing a live input) leaves n var_d under every repair. All follow in closed
 form from per-channel moments of (P, Y_d), where P = Y_p - bias is the output of the kept weights alone:

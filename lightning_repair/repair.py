@@ -217,7 +217,7 @@ class Reconstruct(SiteHooks):
     Args:
         layers: ``all`` prunable layers in forward order, or only the ``classifier``.
         damping: ridge strength relative to the mean diagonal of the layer's input Gram (0.001 = 0.1%, as the
-            classifier refit's ridge; README: 0.01 loses 0.2-0.6 points at LAMP 97-98%).
+            classifier refit's ridge; README: 0.01 loses 0.4-0.6 points at LAMP 97-98%).
         recalibrate_bn: recalibrate every BN as the walk reaches it (after the layer before it is reconstructed).
         mask: ``magnitude`` keeps the masks as given; ``wanda`` (|w| * ||x_j||) and ``obs`` (w^2 / [H^-1]_jj)
             re-select each layer's mask from the dense weights and the Gram of its repaired input, keeping the
