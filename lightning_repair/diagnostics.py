@@ -256,7 +256,10 @@ def _stream(
             totals[index] = m if totals[index] is None else totals[index] + m
             if with_grams:
                 g = chunk_statistics(module, inputs[0], output)
-                grams[index] = g if grams[index] is None else grams[index] + g
+                if grams[index] is None:
+                    grams[index] = g
+                else:
+                    grams[index] += g
 
         return fold
 

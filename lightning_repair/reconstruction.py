@@ -81,12 +81,18 @@ class LayerStatistics:
     target_sum: torch.Tensor
     rows: int
 
-    def __add__(self, other: LayerStatistics) -> LayerStatistics:
-        return LayerStatistics(self.gram + other.gram, self.cross + other.cross, self.patch_sum + other.patch_sum,
-                               self.target_sum + other.target_sum, self.rows + other.rows)  # fmt: skip
+    def __iadd__(self, other: LayerStatistics) -> LayerStatistics:  # in place: a layer's Gram can be 100s of MB
+        for mine, theirs in zip(self.sums, other.sums, strict=True):
+            mine += theirs
+        self.rows += other.rows
+        return self
+
+    @property
+    def sums(self) -> tuple[torch.Tensor, ...]:
+        return self.gram, self.cross, self.patch_sum, self.target_sum
 
     def check_finite(self, where: str) -> LayerStatistics:
-        if not all(torch.isfinite(t).all() for t in (self.gram, self.cross, self.patch_sum, self.target_sum)):
+        if not all(torch.isfinite(t).all() for t in self.sums):
             raise FloatingPointError(f"non-finite activations at {where}: check the checkpoint and the input data")
         return self
 
@@ -107,15 +113,11 @@ class LayerStatistics:
         return residual.flatten() + target_energy
 
     def all_reduce(self) -> LayerStatistics:
-        sizes = [self.gram.numel(), self.cross.numel(), self.patch_sum.numel(), self.target_sum.numel(), 1]
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
-        flat = all_reduce_sum(torch.cat([self.gram.flatten(), self.cross.flatten(), self.patch_sum.flatten(),
-                                         self.target_sum.flatten(), rows]))  # fmt: skip
-        parts = flat.split(sizes)
-        self.gram, self.cross, self.patch_sum, self.target_sum = (
-            p.view_as(t) for p, t in zip(parts, (self.gram, self.cross, self.patch_sum, self.target_sum), strict=False)
-        )
-        self.rows = int(parts[4].item())
+        flat = all_reduce_sum(torch.cat([t.flatten() for t in self.sums] + [rows]))
+        parts = flat.split([t.numel() for t in self.sums] + [1])
+        self.gram, self.cross, self.patch_sum, self.target_sum = (p.view_as(t) for p, t in zip(parts, self.sums))
+        self.rows = int(parts[-1].item())
         return self
 
 
@@ -129,11 +131,20 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
     if isinstance(layer, nn.Conv2d):  # in slices of images, each formed and multiplied while still in cache
         size = max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * layer.kernel_size[1]))
         parts = [_conv_sums(layer, a, b) for a, b in zip(x.split(size), y.split(size), strict=True)]
-        gram, cross, patch_sum = (sum(part.double() for part in same) for same in zip(*parts, strict=True))
+        gram, cross, patch_sum = (_sum_double(same) for same in zip(*parts, strict=True))
     else:
         p = patches(layer, x)
         gram, cross, patch_sum = p @ p.mT, p @ t, p.sum(2)
     return LayerStatistics(gram.double(), cross.double(), patch_sum.double(), t.sum(1).double(), t.shape[1])
+
+
+def _sum_double(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The parts' sum in float64, accumulated in place."""
+    parts = iter(parts)
+    total = next(parts).double()
+    for part in parts:
+        total += part
+    return total
 
 
 def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -196,7 +207,10 @@ def layer_statistics(
     total = None
     for x, y in zip(inputs, outputs, strict=True):
         part = chunk_statistics(layer, x, y)
-        total = part if total is None else total + part
+        if total is None:
+            total = part
+        else:
+            total += part
     if total is None:
         raise ValueError("reconstruction needs calibration data: no chunk reached the layer")
     return total.all_reduce().check_finite("a reconstructed layer")
@@ -204,15 +218,22 @@ def layer_statistics(
 
 @torch.no_grad()
 def reconstruct_layer(
-    layer: nn.Conv2d | nn.Linear, stats: LayerStatistics, mask: torch.Tensor, damping: float, name: str = "layer"
-) -> None:
+    layer: nn.Conv2d | nn.Linear,
+    stats: LayerStatistics,
+    mask: torch.Tensor,
+    damping: float,
+    name: str = "layer",
+    intercept: bool | None = None,
+) -> torch.Tensor | None:
     """Overwrite ``layer``'s kept weights (and bias, if it has one) with the masked ridge solution; pruned weights
-    are set to exactly 0."""
+    are set to exactly 0. ``intercept`` (default: whether the layer has a bias) fits a per-output constant too: it
+    goes into the bias, or, for a layer without one, is returned (float64, per output) for the caller to fold."""
+    fit_intercept = layer.bias is not None if intercept is None else intercept
     groups, k = stats.gram.shape[:2]
     out_per_group = stats.cross.shape[2]
     kept = mask.reshape(groups, out_per_group, k).to(stats.gram.device, torch.bool)
     widest = int(kept.sum(2).max())
-    if widest + (layer.bias is not None) > stats.rows:
+    if widest + fit_intercept > stats.rows:
         warnings.warn(
             f"reconstruction of {name}: {stats.rows} calibration rows for up to {widest} unknowns per output; "
             "the damping keeps the solve well posed, but more calibration images would fit it better",
@@ -222,24 +243,28 @@ def reconstruct_layer(
     bias = torch.zeros(groups, out_per_group, dtype=torch.float64, device=stats.gram.device)
     for g in range(groups):
         gram, cross = stats.gram[g], stats.cross[g]
-        if layer.bias is not None:  # append the constant input 1: [[H, s], [s^T, n]] and [X^T Y; sum Y]
+        if fit_intercept:  # append the constant input 1: [[H, s], [s^T, n]] and [X^T Y; sum Y]
             gram = torch.cat([torch.cat([gram, stats.patch_sum[g, :, None]], 1),
                               torch.cat([stats.patch_sum[g], gram.new_tensor([stats.rows])])[None]], 0)  # fmt: skip
             cross = torch.cat([cross, stats.target_sum[g][None]], 0)
         scale = float(stats.gram[g].diagonal().mean().clamp_min(1e-12))
         penalty = torch.full((len(gram),), max(damping, 1e-9) * scale, dtype=gram.dtype, device=gram.device)
-        if layer.bias is not None:
+        if fit_intercept:
             penalty[k] = 1e-9 * scale  # the intercept is (almost) not shrunk
         rows_kept = kept[g]
-        if layer.bias is not None:
+        if fit_intercept:
             rows_kept = torch.cat([rows_kept, rows_kept.new_ones(out_per_group, 1)], 1)
         solution = _solve_masked(gram, cross, rows_kept, penalty)
         weight[g] = solution[:, :k]
-        if layer.bias is not None:
+        if fit_intercept:
             bias[g] = solution[:, k]
     layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
-    if layer.bias is not None:
-        layer.bias.copy_(bias.flatten().to(layer.bias.dtype))
+    if not fit_intercept:
+        return None
+    if layer.bias is None:
+        return bias.flatten()
+    layer.bias.copy_(bias.flatten().to(layer.bias.dtype))
+    return None
 
 
 def _solve_masked(gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,9 @@ def explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def brute_force(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor, damping: float):
+def brute_force(
+    conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor, damping: float, intercept: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output row o: ridge least squares of y[:, o] on the kept patch entries of its group (plus a constant)."""
     patches = explicit_patches(conv, x)
     per_group_in, per_group_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
@@ -48,7 +50,7 @@ def brute_force(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, y: torch.T
         a = design[:, kept]
         target = y[:, o].reshape(-1)
         lam = damping * full_gram.diagonal().mean()
-        if conv.bias is not None:  # the intercept is not damped: centre, solve, recover it
+        if intercept:  # the intercept is not damped: centre, solve, recover it
             mean_a, mean_t = a.mean(0), target.mean()
             a_c, t_c = a - mean_a, target - mean_t
             w = torch.linalg.solve(a_c.T @ a_c + lam * torch.eye(a.shape[1], dtype=x.dtype), a_c.T @ t_c)
@@ -72,8 +74,10 @@ CONVS = {
 }
 
 
+@pytest.mark.parametrize("intercept", [None, True])
 @pytest.mark.parametrize("kind", sorted(CONVS))
-def test_conv_reconstruction_equals_per_row_least_squares(kind):
+def test_conv_reconstruction_equals_per_row_least_squares(kind, intercept):
+    """A bias is refitted; ``intercept=True`` fits one for a bias-free layer too and returns it."""
     torch.manual_seed(0)
     conv = nn.Conv2d(**CONVS[kind]).double()
     target_conv = copy.deepcopy(conv)  # the "dense" layer: its outputs are the targets
@@ -84,11 +88,17 @@ def test_conv_reconstruction_equals_per_row_least_squares(kind):
     y = target_conv(x).detach()
     chunks_x, chunks_y = list(x_pruned.split(4)), list(y.split(4))
     stats = layer_statistics(conv, chunks_x, chunks_y)
-    reconstruct_layer(conv, stats, mask, damping=0.01)
-    ref_w, ref_b = brute_force(conv, mask, x_pruned, y, damping=0.01)
+    returned = reconstruct_layer(conv, stats, mask, damping=0.01, intercept=intercept)
+    fitted = conv.bias is not None or intercept
+    ref_w, ref_b = brute_force(conv, mask, x_pruned, y, damping=0.01, intercept=fitted)
     torch.testing.assert_close(conv.weight.detach(), ref_w, rtol=1e-7, atol=1e-9)
     if conv.bias is not None:
+        assert returned is None
         torch.testing.assert_close(conv.bias.detach(), ref_b, rtol=1e-7, atol=1e-9)
+    elif fitted:
+        torch.testing.assert_close(returned, ref_b, rtol=1e-7, atol=1e-9)
+    else:
+        assert returned is None
     assert (conv.weight[~mask] == 0).all()
 
 
@@ -156,8 +166,35 @@ def test_reconstruct_preset_holds_masks_and_beats_bn_recalibration(dense, batche
     assert len(report.layer_sites) == len(masks)
 
 
-def test_reconstruct_preset_is_one_walk():
+def test_reconstruct_dense_bn_keeps_dense_statistics_and_fits_each_pairs_mean(dense, batches):
+    """BNs keep the dense variances; each bias-free conv's intercept, folded into its BN's mean, makes the pair's
+    mean output over the calibration set the dense one (the intercept's normal equation), through the network."""
+    pruned, masks = pruned_copy(dense, 0.9)
+    repair(pruned, dense, batches, "reconstruct_dense_bn", masks=masks)
+    pairs = {n: n.replace("conv", "bn").replace("downsample.0", "downsample.1") for n in masks if n != "fc"}
+    means = {}
+    for model in (pruned, dense):
+        modules = dict(model.named_modules())
+        outputs = {n: [] for n in pairs}
+        hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs[n].append(o)) for n in pairs]
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+        for h in hooks:
+            h.remove()
+        means[model] = {n: torch.cat(o).double().mean((0, 2, 3)) for n, o in outputs.items()}
+    bns_p, bns_d = dict(pruned.named_modules()), dict(dense.named_modules())
+    for conv, bn in pairs.items():
+        assert isinstance(bns_p[bn], nn.BatchNorm2d)
+        assert torch.equal(bns_p[bn].running_var, bns_d[bn].running_var), bn
+        intercept = (bns_d[bn].running_mean - bns_p[bn].running_mean).double()
+        assert bool(intercept.abs().max() > 1e-4), conv
+        torch.testing.assert_close(means[pruned][conv] + intercept, means[dense][conv], rtol=0, atol=1e-5)
+
+
+def test_reconstruct_presets_are_one_walk():
     assert [op["op"] for op in PRESETS["reconstruct"]] == ["reconstruct"]
+    assert PRESETS["reconstruct_dense_bn"] == [{"op": "reconstruct", "recalibrate_bn": False}]
     with pytest.raises(ValueError, match="reconstruct.damping"):
         Reconstruct(damping=-1)
     with pytest.raises(ValueError, match="reconstruct.mask"):
