@@ -41,7 +41,9 @@ def _repaired(dense, pruned, masks, recipe, activations, **kwargs):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("preset", ["bn_recalibration", "asr", "default", "reconstruct", "asr_refit"])
+@pytest.mark.parametrize(
+    "preset", ["bn_recalibration", "asr", "default", "reconstruct", "reconstruct_dense_bn", "asr_refit"]
+)
 def test_every_store_gives_the_same_repaired_model(arch, preset, spill_dir):
     dense = calibrated_dense(arch)
     pruned, masks = pruned_copy(dense)

@@ -35,7 +35,7 @@ DDP_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--traine
 # Variables of an outer SLURM or torchrun job: Lightning would join that job instead of starting its own processes.
 LAUNCHER_VARIABLES = re.compile(r"SLURM_.*|TORCHELASTIC_.*|(LOCAL_|GROUP_|NODE_)?RANK|(LOCAL_)?WORLD_SIZE|MASTER_.*")
 # BN recalibration and channel-wise matching at BN outputs and residual sums (`default`), then ASR on top.
-RECIPE = PRESETS["asr"] + PRESETS["reconstruct"]  # stream folding, recalibration, Gram reductions
+RECIPE = PRESETS["asr"] + PRESETS["reconstruct"] + PRESETS["reconstruct_dense_bn"]  # folding, recalibration, Grams
 # 101 calibration images in batches of 16: uneven shards (51 + 50), each ending in a short batch.
 CALIBRATION_SIZE, BATCH_SIZE = 101, 16
 
