@@ -116,7 +116,9 @@ class LayerStatistics:
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
         flat = all_reduce_sum(torch.cat([t.flatten() for t in self.sums] + [rows]))
         parts = flat.split([t.numel() for t in self.sums] + [1])
-        self.gram, self.cross, self.patch_sum, self.target_sum = (p.view_as(t) for p, t in zip(parts, self.sums))
+        self.gram, self.cross, self.patch_sum, self.target_sum = (
+            p.view_as(t) for p, t in zip(parts, self.sums, strict=False)
+        )
         self.rows = int(parts[-1].item())
         return self
 

@@ -745,13 +745,12 @@ class _Walk:
         streams = [a for a in operands if not self._bn_operand(a)]
         if len(streams) > 1 or (len(operands) == 2 and operands[0] is operands[1]):
             raise UnfoldableCorrectionError(f"residual sum {node.name}: no BatchNorm operand to fold a correction into")
-        first = next(iter(self.env_d[operands[0]]))
-        shape = (1, -1) + (1,) * (first.dim() - 2)
-        ones = torch.ones(first.shape[1], dtype=torch.float64, device=first.device)
+        channels = self.mods_p[next(self._bn_of(a) for a in operands if self._bn_operand(a)).target].num_features
+        ones = torch.ones(channels, dtype=torch.float64, device=next(self.mods_p[""].parameters()).device)
         scales = {a: self.scale.get(a, ones) for a in operands}  # true operand = scale * stored
         for op in (op for op in self.ops if "block" in op.sites):  # others (a classifier refit) skip the moments
             # chunk by chunk: the pruned sum (true operands) and the dense sum are never held for all chunks
-            true = (sum(t * scales[a].view(shape).to(t.dtype) for a, t in zip(operands, chunk, strict=True))
+            true = (sum(t * _per_channel(scales[a], t) for a, t in zip(operands, chunk, strict=True))
                     for chunk in zip(*(self.env_p[a] for a in operands), strict=True))  # fmt: skip
             z_d = (a + b for a, b in zip(self.env_d[operands[0]], self.env_d[operands[1]], strict=True))
             m = accumulate(zip(true, z_d, strict=True)).check_finite(f"residual sum {node.name}")
@@ -767,9 +766,7 @@ class _Walk:
             for i, a in enumerate(a for a in operands if a not in streams):
                 factor, shift = g * scales[a] / out, (b if i == 0 else torch.zeros_like(b)) / out
                 fold_affine(self.mods_p[self._bn_of(a).target], factor, shift)
-                self.env_p[a] = (
-                    t * factor.view(shape).to(t.dtype) + shift.view(shape).to(t.dtype) for t in self.env_p[a]
-                )
+                self.env_p[a] = (t * _per_channel(factor, t) + _per_channel(shift, t) for t in self.env_p[a])
             scales = {a: out for a in operands}
             self.report.gains[node.name] = g.float().cpu()
         if node.name not in self.report.block_sites:
@@ -835,6 +832,11 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         yield
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``values`` shaped to broadcast over ``like`` (channels in dimension 1), in its dtype."""
+    return values.view((1, -1) + (1,) * (like.dim() - 2)).to(like.dtype)
 
 
 def _is_homogeneous(node: fx.Node, module: nn.Module | None) -> bool:

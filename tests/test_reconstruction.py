@@ -176,7 +176,7 @@ def test_reconstruct_dense_bn_keeps_dense_statistics_and_fits_each_pairs_mean(de
     for model in (pruned, dense):
         modules = dict(model.named_modules())
         outputs = {n: [] for n in pairs}
-        hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs[n].append(o)) for n in pairs]
+        hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n, out=outputs: out[n].append(o)) for n in pairs]
         with torch.no_grad():
             for b in batches:
                 model(b)
@@ -226,10 +226,13 @@ STATISTICS_CONVS = {  # (conv, input height and width): strides, edge cases of t
     "stride_columns_no_padding": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=(1, 2)), (8, 9)),
     "image_smaller_than_kernel_reach": (dict(in_channels=2, out_channels=3, kernel_size=5, padding=2), (2, 3)),
     "same_dilated_rectangular": (
-        dict(in_channels=3, out_channels=5, kernel_size=(5, 3), padding="same", dilation=(2, 1)), (9, 6)
+        dict(in_channels=3, out_channels=5, kernel_size=(5, 3), padding="same", dilation=(2, 1)),
+        (9, 6),
     ),  # fmt: skip
-    "grouped_reflect": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2,
-                             padding_mode="reflect"), (6, 6)),  # fmt: skip
+    "grouped_reflect": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2, padding_mode="reflect"),
+        (6, 6),
+    ),  # fmt: skip
     "pointwise": (dict(in_channels=6, out_channels=4, kernel_size=1), (5, 5)),
 }
 
