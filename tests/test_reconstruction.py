@@ -192,6 +192,40 @@ def test_reconstruct_dense_bn_keeps_dense_statistics_and_fits_each_pairs_mean(de
         torch.testing.assert_close(means[pruned][conv] + intercept, means[dense][conv], rtol=0, atol=1e-5)
 
 
+def test_reconstruct_dense_bn_folds_intercepts_only_into_a_bn_that_alone_reads_a_bias_free_layer():
+    """A biased conv refits its own bias; a bias-free conv whose output a BN shares with another reader gets none."""
+    torch.manual_seed(5)
+
+    class Shared(nn.Module):  # conv3's output feeds bn3 and the sum: no intercept can be folded into bn3
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+            self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6)
+            self.conv3, self.bn3 = nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            x = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            y = self.conv3(x)
+            return self.bn3(y) + y
+
+    dense = Shared().train()
+    with torch.no_grad():
+        dense(torch.randn(64, 3, 8, 8))
+    dense.eval()
+    masks = {n: torch.rand_like(m.weight) < 0.5 for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        for n, mask in masks.items():
+            pruned.get_submodule(n).weight.mul_(mask)
+    repair(pruned, dense, [torch.randn(32, 3, 8, 8) for _ in range(2)], "reconstruct_dense_bn", masks=masks)
+    for bn in ("bn1", "bn2", "bn3"):
+        assert torch.equal(pruned.get_submodule(bn).running_var, dense.get_submodule(bn).running_var), bn
+    assert not torch.equal(pruned.bn1.running_mean, dense.bn1.running_mean)  # conv1's intercept
+    assert torch.equal(pruned.bn2.running_mean, dense.bn2.running_mean)  # conv2 refits its bias instead
+    assert not torch.equal(pruned.conv2.bias, dense.conv2.bias)
+    assert torch.equal(pruned.bn3.running_mean, dense.bn3.running_mean)  # shared output: nothing to fold into
+
+
 def test_reconstruct_presets_are_one_walk():
     assert [op["op"] for op in PRESETS["reconstruct"]] == ["reconstruct"]
     assert PRESETS["reconstruct_dense_bn"] == [{"op": "reconstruct", "recalibrate_bn": False}]
