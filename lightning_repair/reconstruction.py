@@ -286,10 +286,11 @@ def _solve_masked(gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, p
             # kept indices first, padding after: argsort of ~kept puts kept positions (in order) in front
             idx = torch.argsort((~kept[chunk]).to(torch.int8), dim=1, stable=True)[:, :width]
             valid = torch.arange(width, device=gram.device)[None] < counts[chunk, None]
-            a = gram[idx[:, :, None], idx[:, None, :]] + torch.diag_embed(penalty[idx])
-            pair = valid[:, :, None] & valid[:, None, :]
-            eye = torch.eye(width, dtype=gram.dtype, device=gram.device).expand_as(a)
-            a = torch.where(pair, a, eye)
+            # in place: the padded systems are the solve's largest tensor (up to 256 MB)
+            a = gram[idx[:, :, None], idx[:, None, :]]
+            a.diagonal(dim1=1, dim2=2).add_(penalty[idx])
+            a.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
+            a.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1)  # padding: identity, zero right side
             rhs = torch.where(valid, cross.T[chunk[:, None], idx], torch.zeros((), dtype=gram.dtype))
             w = torch.linalg.solve(a, rhs)
             solution[chunk[:, None], idx] = torch.where(valid, w, torch.zeros((), dtype=gram.dtype))
