@@ -132,21 +132,19 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
     t = targets(layer, y)
     if isinstance(layer, nn.Conv2d):  # in slices of images, each formed and multiplied while still in cache
         size = max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * layer.kernel_size[1]))
-        parts = [_conv_sums(layer, a, b) for a, b in zip(x.split(size), y.split(size), strict=True)]
-        gram, cross, patch_sum = (_sum_double(same) for same in zip(*parts, strict=True))
+        sums = None  # float64, added slice by slice: one slice's float32 Gram alive at a time
+        for a, b in zip(x.split(size), y.split(size), strict=True):
+            part = _conv_sums(layer, a, b)
+            if sums is None:
+                sums = [piece.double() for piece in part]
+            else:
+                for total, piece in zip(sums, part, strict=True):
+                    total += piece
+        gram, cross, patch_sum = sums
     else:
         p = patches(layer, x)
         gram, cross, patch_sum = p @ p.mT, p @ t, p.sum(2)
     return LayerStatistics(gram.double(), cross.double(), patch_sum.double(), t.sum(1).double(), t.shape[1])
-
-
-def _sum_double(parts: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The parts' sum in float64, accumulated in place."""
-    parts = iter(parts)
-    total = next(parts).double()
-    for part in parts:
-        total += part
-    return total
 
 
 def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
