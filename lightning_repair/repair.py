@@ -793,7 +793,9 @@ class _Walk:
                 # BNs that keep the dense statistics: a bias-free layer read only by a BN gets an intercept,
                 # folded into that BN's mean (BN(y + b) is BN with mean - b): the pair is one affine layer
                 bn = None if self.recalibrate or module.bias is not None else self._bn_after(node)
-                intercept = reconstruct_layer(module, stats, self.masks[name], damping, name, bn is not None or None)
+                intercept = reconstruct_layer(
+                    module, stats, self.masks[name], damping, name, intercept=True if bn is not None else None
+                )
                 if intercept is not None:
                     bn.running_mean.sub_(intercept.to(bn.running_mean.dtype))
             if name not in self.report.layer_sites:
