@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_repair import reconstruction
-from lightning_repair.masks import mask_violations
+from lightning_repair.masks import apply_masks, mask_violations
 from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
 from lightning_repair.repair import PRESETS, Reconstruct, _select_mask, repair
 
@@ -213,10 +213,7 @@ def test_reconstruct_dense_bn_folds_intercepts_only_into_a_bn_that_alone_reads_a
         dense(torch.randn(64, 3, 8, 8))
     dense.eval()
     masks = {n: torch.rand_like(m.weight) < 0.5 for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
-    pruned = copy.deepcopy(dense)
-    with torch.no_grad():
-        for n, mask in masks.items():
-            pruned.get_submodule(n).weight.mul_(mask)
+    pruned = apply_masks(copy.deepcopy(dense), masks)
     repair(pruned, dense, [torch.randn(32, 3, 8, 8) for _ in range(2)], "reconstruct_dense_bn", masks=masks)
     for bn in ("bn1", "bn2", "bn3"):
         assert torch.equal(pruned.get_submodule(bn).running_var, dense.get_submodule(bn).running_var), bn
@@ -262,11 +259,11 @@ STATISTICS_CONVS = {  # (conv, input height and width): strides, edge cases of t
     "same_dilated_rectangular": (
         dict(in_channels=3, out_channels=5, kernel_size=(5, 3), padding="same", dilation=(2, 1)),
         (9, 6),
-    ),  # fmt: skip
+    ),
     "grouped_reflect": (
         dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2, padding_mode="reflect"),
         (6, 6),
-    ),  # fmt: skip
+    ),
     "pointwise": (dict(in_channels=6, out_channels=4, kernel_size=1), (5, 5)),
 }
 
