@@ -104,7 +104,7 @@ class Grid:
     Args:
         allocations: allocation method names or ``{method: ..., keep_dense: ..., ...}`` dicts.
         sparsities: target global sparsities, each in [0, 1).
-        repairs: repair presets (none, bn_recalibration, layer_vm, asr, clipped_asr, default) or operator lists.
+        repairs: repair presets (``lightning-repair fit --help`` lists them) or operator lists.
         seeds: calibration subset seeds.
         checkpoints: dense checkpoints of the configured architecture.
     """
