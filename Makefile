@@ -8,18 +8,21 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
 .PHONY: quickstart test fashion-mnist benchmark
 
+# apt-get install as root or through sudo, refreshing the package lists once if a package is not found
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); apt_install() { $$SUDO apt-get install -y -qq "$$@" || \
+  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq "$$@"; }; }; apt_install
+
+# Debian and Ubuntu ship venv separately (python3-venv)
 $(BIN)/lightning-repair: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); $(APT_INSTALL) python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (no download at run time).
 fashion-mnist:
-	@test -f $(FASHION_MNIST) || test -f data/t10k-images-idx3-ubyte.gz || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -qq dataset-fashion-mnist || \
-	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }; }
+	@test -f $(FASHION_MNIST) || test -f data/t10k-images-idx3-ubyte.gz || \
+	  test -f data/FashionMNIST/raw/t10k-images-idx3-ubyte.gz || { $(APT_INSTALL) dataset-fashion-mnist; }
 
 quickstart: $(BIN)/lightning-repair fashion-mnist
 	$(BIN)/lightning-repair fit --config configs/quickstart.yaml
