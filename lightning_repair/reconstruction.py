@@ -140,6 +140,7 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
             else:
                 for total, piece in zip(sums, part, strict=True):
                     total += piece
+            del part  # else this slice's float32 Gram stays alive while the next slice's is formed
         gram, cross, patch_sum = sums
     else:
         p = patches(layer, x)
@@ -211,6 +212,9 @@ def layer_statistics(
             total = part
         else:
             total += part
+        # else this chunk's sums (a float64 Gram of up to 170 MB) and activations stay alive while the next chunk
+        # is loaded and its statistics formed: one more Gram from the third chunk on
+        del part, x, y
     if total is None:
         raise ValueError("reconstruction needs calibration data: no chunk reached the layer")
     return total.all_reduce().check_finite("a reconstructed layer")
