@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -294,3 +295,25 @@ def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_sli
         torch.testing.assert_close(stats.patch_sum[group], design.sum(0), rtol=1e-12, atol=1e-10)
         torch.testing.assert_close(stats.target_sum[group], target.sum(0), rtol=1e-12, atol=1e-10)
     assert stats.rows == patches.shape[0] * patches.shape[1] * patches.shape[2]
+
+
+def test_statistics_release_each_chunk_before_the_next(monkeypatch):
+    """Only the running total outlives a chunk: its sums (a Gram can be 170 MB) and activations are released before
+    the next chunk's are formed, so the memory does not grow with the number of chunks."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    alive = weakref.WeakSet()  # every chunk's tensors and sums, as long as something holds them
+    seen = []
+    original = reconstruction.chunk_statistics
+
+    def tracked(layer, x, y):
+        seen.append(len(alive))  # what is still held when this chunk's statistics start
+        part = original(layer, x, y)
+        alive.update([x, y, *part.sums])
+        return part
+
+    monkeypatch.setattr(reconstruction, "chunk_statistics", tracked)
+    inputs = (torch.randn(2, 3, 5, 5) for _ in range(5))  # generated chunks: nothing else holds them
+    outputs = (torch.randn(2, 4, 5, 5) for _ in range(5))
+    stats = layer_statistics(conv, inputs, outputs)
+    assert stats.rows == 5 * 2 * 25
+    assert seen == [0, 4, 4, 4, 4]  # the total's four sums (the first chunk's, added to in place), nothing else
