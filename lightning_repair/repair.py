@@ -43,6 +43,8 @@ from torch import nn
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from .layers import prunable_layers
+from .mask_selection import RULES as MASK_RULES
+from .mask_selection import select_mask
 from .reconstruction import layer_statistics, reconstruct_layer
 from .stats import Moments, accumulate
 
@@ -222,7 +224,7 @@ class Reconstruct(SiteHooks):
             ``false`` keeps the dense network's BN statistics instead, and fits a bias-free layer that only a BN reads
             with an intercept, folded into that BN's running mean: the pair is reconstructed as one affine layer
             (the ``reconstruct_dense_bn`` preset; README: better at 97-98%, slightly worse at 95%).
-        mask: ``magnitude`` keeps the masks as given; ``wanda`` (|w| * ||x_j||) and ``obs`` (w^2 / [H^-1]_jj)
+        mask: ``magnitude`` keeps the masks as given; ``wanda`` (|w| * ||x_j||) and ``obs_oneshot`` (w^2 / [H^-1]_jj)
             re-select each layer's mask from the dense weights and the Gram of its repaired input, keeping the
             allocation's count per layer.
         mask_scope: where a re-selected mask's weights compete: across the whole ``layer`` (top-k of the layer), or
@@ -234,19 +236,19 @@ class Reconstruct(SiteHooks):
     layers: Literal["all", "classifier"] = "all"
     damping: float = 0.001
     recalibrate_bn: bool = True
-    mask: Literal["magnitude", "wanda", "obs"] = "magnitude"
+    mask: Literal["magnitude", "wanda", "obs_oneshot"] = "magnitude"
     mask_scope: Literal["layer", "row"] = "layer"
 
     def __post_init__(self):
         _check_damping("reconstruct.damping", self.damping)
         if self.layers not in ("all", "classifier"):
             raise ValueError(f"reconstruct.layers: {self.layers!r} is not one of ('all', 'classifier')")
-        if self.mask not in ("magnitude", "wanda", "obs"):
-            raise ValueError(f"reconstruct.mask: {self.mask!r} is not one of ('magnitude', 'wanda', 'obs')")
+        if self.mask not in ("magnitude", *MASK_RULES):
+            raise ValueError(f"reconstruct.mask: {self.mask!r} is not one of {('magnitude', *MASK_RULES)}")
         if self.mask_scope not in ("layer", "row"):
             raise ValueError(f"reconstruct.mask_scope: {self.mask_scope!r} is not one of ('layer', 'row')")
         if self.mask_scope == "row" and self.mask == "magnitude":
-            raise ValueError("reconstruct.mask_scope: 'row' re-selects masks, so it needs mask 'wanda' or 'obs'")
+            raise ValueError("reconstruct.mask_scope: 'row' re-selects masks, so it needs a mask rule other than 'magnitude'")
         if not isinstance(self.recalibrate_bn, bool):
             raise ValueError(f"reconstruct.recalibrate_bn must be true or false, got {self.recalibrate_bn!r}")
 
@@ -787,7 +789,7 @@ class _Walk:
                 stats = layer_statistics(module, self.env_p[node.args[0]], self.env_d[node])
             with timed(self.report.timings, "reconstruction_solve"):
                 if getattr(op, "mask", "magnitude") != "magnitude":
-                    self.masks[name] = _select_mask(
+                    self.masks[name] = select_mask(
                         op.mask, op.mask_scope, self.mods_d[name].weight, stats, self.masks[name], damping
                     )
                 # BNs that keep the dense statistics: a bias-free layer read only by a BN gets an intercept,
@@ -847,38 +849,6 @@ def _is_homogeneous(node: fx.Node, module: nn.Module | None) -> bool:
     if node.op == "call_function":
         return node.target in _HOMOGENEOUS_FUNCTIONS
     return node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS
-
-
-def _select_mask(
-    rule: str, scope: str, dense_weight: torch.Tensor, stats, mask: torch.Tensor, damping: float
-) -> torch.Tensor:
-    """The layer's mask re-selected by ``rule`` from the Gram of its input, keeping its count, top-k of the whole
-    layer or the same count per output row (``scope``); ties by position."""
-    groups, k = stats.gram.shape[:2]
-    w = dense_weight.detach().double().reshape(groups, -1, k)
-    diagonal = stats.gram.diagonal(dim1=1, dim2=2)  # (groups, K)
-    if rule == "wanda":
-        score = w.abs() * diagonal.clamp_min(0).sqrt()[:, None, :]
-    else:  # OBS saliency with the damped Gram
-        lam = damping * diagonal.mean(1, keepdim=True).clamp_min(1e-12)
-        damped = stats.gram + torch.diag_embed(lam.expand(groups, k))
-        score = w.square() / torch.linalg.inv(damped).diagonal(dim1=1, dim2=2)[:, None, :]
-    count = int(mask.sum())
-    if scope == "layer":
-        ranked = torch.sort(score.flatten(), descending=True, stable=True).indices
-        chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-        chosen[ranked[:count]] = True
-        return chosen.view(mask.shape).to(mask.device)
-    rows = score.reshape(-1, k)
-    ranked = torch.sort(rows, dim=1, descending=True, stable=True)
-    base, extra = divmod(count, len(rows))
-    per_row = torch.full((len(rows),), base, device=rows.device)
-    if extra:  # the rows whose next weight scores highest keep one more
-        next_best = ranked.values[:, base]
-        per_row[torch.sort(next_best, descending=True, stable=True).indices[:extra]] += 1
-    keep = torch.arange(k, device=rows.device)[None] < per_row[:, None]
-    chosen = torch.zeros_like(keep).scatter(1, ranked.indices, keep)
-    return chosen.view(mask.shape).to(mask.device)
 
 
 def _run(

@@ -12,7 +12,8 @@ from torch import nn
 from lightning_repair import reconstruction
 from lightning_repair.masks import apply_masks, mask_violations
 from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
-from lightning_repair.repair import PRESETS, Reconstruct, _select_mask, repair
+from lightning_repair.mask_selection import select_mask
+from lightning_repair.repair import PRESETS, Reconstruct, repair
 
 from helpers import pruned_copy
 
@@ -140,7 +141,7 @@ def test_fewer_rows_than_unknowns_warns():
 
 
 @pytest.mark.parametrize(
-    "mask_rule, scope", [("magnitude", "layer"), ("wanda", "layer"), ("obs", "layer"), ("wanda", "row"), ("obs", "row")]
+    "mask_rule, scope", [("magnitude", "layer"), ("wanda", "layer"), ("obs_oneshot", "layer"), ("wanda", "row"), ("obs_oneshot", "row")]
 )
 def test_reconstruct_preset_holds_masks_and_beats_bn_recalibration(dense, batches, mask_rule, scope):
     """Every layer re-solved: masks hold exactly (re-selected ones keep each layer's count, row-scoped ones spread
@@ -231,7 +232,7 @@ def test_reconstruct_presets_are_one_walk():
         Reconstruct(damping=-1)
     with pytest.raises(ValueError, match="reconstruct.mask"):
         Reconstruct(mask="random")
-    with pytest.raises(ValueError, match="needs mask 'wanda' or 'obs'"):
+    with pytest.raises(ValueError, match="needs a mask rule other than 'magnitude'"):
         Reconstruct(mask_scope="row")
 
 
@@ -242,7 +243,7 @@ def test_row_scoped_mask_keeps_each_rows_top_scores():
     x = torch.randn(40, 5, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)
     stats = layer_statistics(nn.Linear(5, 3, bias=False).double(), [x], [x[:, :3]])
     count = 7  # 2 per row, one row gets a third
-    chosen = _select_mask("wanda", "row", weight, stats, torch.arange(15).view(3, 5) < count, 0.01)
+    chosen = select_mask("wanda", "row", weight, stats, torch.arange(15).view(3, 5) < count, 0.01)
     score = weight.abs() * x.square().sum(0).sqrt()
     ranked = score.argsort(1, descending=True)
     third = score.gather(1, ranked[:, 2:3]).squeeze(1).argmax()
