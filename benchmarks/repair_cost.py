@@ -22,7 +22,8 @@ from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.evaluation import calibration_forward_time
 from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network
-from lightning_repair.repair import repair, timed
+from lightning_repair.repair import repair
+from lightning_repair.utils import timed
 
 PRESETS = ("bn_recalibration", "asr", "default", "reconstruct", "reconstruct_dense_bn")
 

@@ -25,7 +25,8 @@ import torch
 from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network
-from lightning_repair.repair import STORES, repair
+from lightning_repair.repair import repair
+from lightning_repair.stores import STORES
 
 RESULTS = Path(__file__).parent / "results" / "repair_memory.md"
 MB = 2**20

@@ -32,8 +32,8 @@ from .datamodule import ImageDataModule
 from .evaluation import evaluate
 from .export import load_exported, unpickling_reason
 from .models import load_weights
+from .operators import PRESETS
 from .pipeline import PruneRepairModule
-from .repair import PRESETS
 
 TRACEBACK_ENV = "LIGHTNING_REPAIR_TRACEBACK"
 VERBOSE_ENV = "LIGHTNING_REPAIR_VERBOSE"

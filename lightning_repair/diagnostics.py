@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import PrunableLayer, prunable_layers
+from .operators import Reconstruct, VarianceMatching
 from .reconstruction import LayerStatistics, chunk_statistics, reconstruct_layer
-from .repair import Reconstruct, VarianceMatching
 from .stats import Moments
 
 RR_REPAIRS = ("vm", "ls", "asr", "reconstruct")

@@ -9,11 +9,14 @@ The kept weights are then re-solved by ``reconstruction.reconstruct_layer``. Rul
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from .reconstruction import LayerStatistics
 
-RULES = ("wanda", "obs_oneshot")
+MaskRule = Literal["magnitude", "wanda", "obs_oneshot"]  # magnitude: keep the masks as the allocation gave them
+MaskScope = Literal["layer", "row"]
 
 
 def select_mask(
@@ -29,7 +32,7 @@ def select_mask(
     elif rule == "obs_oneshot":
         score = w.square() / torch.linalg.inv(damped_gram(stats, damping)).diagonal(dim1=1, dim2=2)[:, None, :]
     else:
-        raise ValueError(f"mask rule {rule!r} is not one of {RULES}")
+        raise ValueError(f"mask rule {rule!r} is not one of {get_args(MaskRule)[1:]}")
     return top_count(score.reshape(-1, k), int(mask.sum()), scope).view(mask.shape).to(mask.device)
 
 

@@ -16,7 +16,10 @@ from torch import nn
 from .allocation import Allocation, allocate, allocation_table
 from .diagnostics import RRProfile
 from .masks import apply_masks, compute_masks, mask_violations
-from .repair import Activations, Operator, RepairReport, repair, timed
+from .operators import Operator
+from .repair import RepairReport, repair
+from .stores import Activations
+from .utils import timed
 
 Evaluate = Callable[[nn.Module, str], dict]  # (model, description) -> {"top1", "top5", "samples"}
 
@@ -36,15 +39,12 @@ class OneShotResult:
         return 1 - sum(r["kept"] for r in self.layers) / sum(r["numel"] for r in self.layers)
 
 
-BN_SITES = frozenset({"bn", "block"})  # BatchNorm layers, and residual sums (corrected through their BN operand)
-
-
 def check_operators_fit(model: nn.Module, recipe: Sequence[Operator]) -> None:
     """Refuse operators that act only at BatchNorm layers when the model has none (they would silently do
     nothing), naming the model and the operators; operators with another site (classifier, layers) run."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    bn_only = [op.op for op in recipe if op.sites and op.sites <= BN_SITES]
+    bn_only = [op.op for op in recipe if op.needs_batchnorm]
     if bn_only:
         raise ValueError(
             f"{type(model).__name__} has no BatchNorm layer, so repair operator(s) {', '.join(bn_only)} cannot run "

@@ -26,8 +26,10 @@ from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_pro
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
 from .models import NetworkSpec, build_network, input_channels, load_weights, network_config, output_classes
-from .oneshot import check_operators_fit, prune_and_repair, timed
-from .repair import STORES, Activations, describe, parse_recipe
+from .oneshot import check_operators_fit, prune_and_repair
+from .operators import describe, parse_recipe
+from .stores import STORES, Activations
+from .utils import timed
 
 Sparsity = restricted_number_type("Sparsity", float, [(">=", 0.0), ("<", 1.0)])
 

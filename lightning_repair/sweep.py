@@ -67,9 +67,11 @@ from .diagnostics import rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_bytes, atomic_write_json
 from .models import NetworkSpec, network_config
-from .oneshot import OneShotResult, prune_and_repair, timed
+from .oneshot import OneShotResult, prune_and_repair
+from .operators import Operator, parse_recipe
 from .pipeline import PruneRepairModule, Sparsity, init_args, load_calibration, load_dense
-from .repair import Activations, Operator, parse_recipe
+from .stores import Activations
+from .utils import timed
 
 RESULTS = "results.csv"
 PLOT = "accuracy_vs_sparsity.png"

@@ -17,7 +17,7 @@ from lightning_repair.cli import ANY_RUN, PRUNE_REPAIR_RUN, main
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network, load_weights
-from lightning_repair.repair import PRESETS
+from lightning_repair.operators import PRESETS
 
 from helpers import TINY_NETWORK, calibrated_dense, pipeline_config, read_metrics, run_dir, run_fit, write_config
 

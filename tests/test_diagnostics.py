@@ -31,8 +31,8 @@ from lightning_repair.diagnostics import (
 )
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import magnitude_mask
+from lightning_repair.operators import Reconstruct
 from lightning_repair.reconstruction import layer_statistics, reconstruct_layer
-from lightning_repair.repair import Reconstruct
 
 from helpers import calibrated_dense
 

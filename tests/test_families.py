@@ -13,11 +13,12 @@ from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.diagnostics import rr_profile
 from lightning_repair.evaluation import evaluate
 from lightning_repair.export import load_exported
+from lightning_repair.graph import UntraceableModelError
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import magnitude_mask
 from lightning_repair.models import build_network, load_weights
 from lightning_repair.oneshot import prune_and_repair
-from lightning_repair.repair import PRESETS, UntraceableModelError, parse_recipe
+from lightning_repair.operators import PRESETS, parse_recipe
 
 from helpers import pipeline_config, read_metrics, run_dir, run_fit, write_config
 

@@ -20,8 +20,8 @@ from lightning_repair.export import load_sparse
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+from lightning_repair.operators import describe, parse_recipe
 from lightning_repair.pipeline import check_running_stats, load_calibration
-from lightning_repair.repair import describe, parse_recipe
 
 from helpers import (
     TINY_NETWORK,

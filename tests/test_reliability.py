@@ -26,8 +26,9 @@ from lightning_repair.data import build_datasets
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import mask_violations
 from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network, load_weights
+from lightning_repair.operators import PRESETS
 from lightning_repair.pipeline import state_digest
-from lightning_repair.repair import PRESETS, repair
+from lightning_repair.repair import repair
 
 from helpers import (
     TINY_NETWORK,
@@ -230,13 +231,13 @@ def test_fully_pruned_and_all_zero_layers_give_finite_results(tmp_path):
 STALLED_REPAIR = """
 import pathlib, sys, time
 from lightning_repair.cli import main
-from lightning_repair.repair import BNRecalibration
+import lightning_repair.repair as engine
 
-def stall(self, *args):
+def stall(*args):
     pathlib.Path(sys.argv[1]).touch()
     time.sleep(600)
 
-BNRecalibration.at_bn = stall
+engine.recalibrate = stall  # the walk's BN recalibration
 main(sys.argv[2:])
 """
 

@@ -11,7 +11,8 @@ from torch.optim.swa_utils import update_bn
 from torchvision.ops import StochasticDepth
 
 from lightning_repair.masks import mask_violations
-from lightning_repair.repair import PRESETS, BNRecalibration, ClassifierRefit, VarianceMatching, parse_recipe, repair
+from lightning_repair.operators import PRESETS, BNRecalibration, ClassifierRefit, VarianceMatching, parse_recipe
+from lightning_repair.repair import repair
 from lightning_repair.stats import accumulate
 
 from helpers import calibrated_dense, pruned_copy
@@ -289,7 +290,7 @@ def test_dead_channels_get_finite_documented_gains(dense, batches):
     with torch.no_grad():
         feats_p = [pruned.layer1[0].conv1(pruned.relu(pruned.bn1(pruned.conv1(b)))) for b in batches]
         feats_d = [dense_dead.layer1[0].conv1(dense_dead.relu(dense_dead.bn1(dense_dead.conv1(b)))) for b in batches]
-        vm.at_bn(bn, dense_dead.layer1[0].bn1, accumulate(list(zip(feats_p, feats_d, strict=True))))
+        vm.correct_bn(bn, dense_dead.layer1[0].bn1, accumulate(list(zip(feats_p, feats_d, strict=True))))
     assert torch.equal(bn.weight[:3], gamma[:3])  # zero pruned variance: gain exactly 1
 
 
