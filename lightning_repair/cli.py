@@ -31,9 +31,11 @@ from .allocation import ALLOCATIONS
 from .datamodule import ImageDataModule
 from .evaluation import evaluate
 from .export import load_exported, unpickling_reason
-from .models import load_weights
+from .models import configure_parsing, load_weights
 from .operators import PRESETS
-from .pipeline import PruneRepairModule
+from .module import PruneRepairModule
+
+configure_parsing()  # before any parser reads a NetworkSpec
 
 TRACEBACK_ENV = "LIGHTNING_REPAIR_TRACEBACK"
 VERBOSE_ENV = "LIGHTNING_REPAIR_VERBOSE"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
@@ -111,6 +113,20 @@ class ImageDataModule(pl.LightningDataModule):
     def calibration_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Images only; this process's contiguous, non-padded shard of the calibration subset."""
         return self._loader(Subset(self.calibration_set, shard_indices(len(self.calibration_set), rank, world_size)))
+
+    def calibration_batches(
+        self, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+        progress: Callable[[Iterable, str], Iterable] | None = None,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """This process's shard of the unlabeled calibration batches, on ``device``. A calibration set smaller than
+        ``batch_size`` is one batch: the repair's statistics are sums over the whole set, whatever its batching."""
+        self.setup("fit")
+        if len(self.calibration_set) < world_size:
+            raise ValueError(
+                f"data.calibration_size={len(self.calibration_set)} is smaller than the number of processes"
+            )
+        loader = self.calibration_dataloader(rank, world_size)
+        return [b.to(device) for b in (progress(loader, "calibration data") if progress else loader)]
 
     def evaluation_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Labeled test images; every sample is in exactly one process's shard (no padding)."""

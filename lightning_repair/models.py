@@ -20,15 +20,17 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jsonargparse import ArgumentParser, set_parsing_settings
 from torch import nn
 from torchvision.models import densenet
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers
+
+if TYPE_CHECKING:
+    from .data import DatasetInfo
 
 Stem = Literal["cifar", "imagenet"]
 
@@ -177,15 +179,23 @@ class Network:
 
 NetworkSpec = Network | Callable[[], nn.Module]
 
-# jsonargparse parses a pure dataclass in a Union with a class type wrongly (a class_path dict loses its
-# class_path); as a subclass-enabled type, ``{arch: ...}`` is Network's implicit class_path and a
-# ``{class_path: ...}`` of an nn.Module goes to the callable.
-set_parsing_settings(subclasses_enabled=[Network])
+
+def configure_parsing() -> None:
+    """jsonargparse parses a pure dataclass in a Union with a class type wrongly (a class_path dict loses its
+    class_path); as a subclass-enabled type, ``{arch: ...}`` is Network's implicit class_path and a
+    ``{class_path: ...}`` of an nn.Module goes to the callable. Called by the CLI and by ``build_network`` (the
+    core itself never imports jsonargparse)."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(subclasses_enabled=[Network])
 
 
 def build_network(spec: NetworkSpec | Mapping[str, Any]) -> nn.Module:
     """A freshly built model from a network spec or its config form (``network_config``)."""
     if isinstance(spec, Mapping):
+        from jsonargparse import ArgumentParser
+
+        configure_parsing()
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--network", type=NetworkSpec)
         spec = parser.instantiate(parser.parse_object({"network": dict(spec)})).network
@@ -287,3 +297,35 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
 
 def _listing(keys: list[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
+def load_dense(
+    network: NetworkSpec | Mapping[str, Any],
+    checkpoint: str | Path,
+    device: torch.device | str = "cpu",
+    dataset: str | None = None,
+    info: DatasetInfo | None = None,
+) -> nn.Module:
+    """The dense model in eval mode on ``device``; with ``info`` (data.DatasetInfo of ``dataset``), checked first to
+    fit that dataset's classes and channels."""
+    model = build_network(network)
+    channels, classes = input_channels(model), output_classes(model)
+    if info is not None and (info.num_classes, info.in_channels) != (classes, channels or info.in_channels):
+        raise ValueError(
+            f"model.network ({type(model).__name__}) has num_classes={classes}, in_channels={channels} but dataset "
+            f"{dataset!r} has num_classes={info.num_classes}, in_channels={info.in_channels}"
+            + (" (data.rgb: true repeats a grayscale channel for an RGB stem)" if channels == 3 else "")
+        )
+    check_running_stats(model)
+    return load_weights(model, checkpoint).to(device).eval()
+
+
+def check_running_stats(model: nn.Module) -> None:
+    """Refuse a BatchNorm without running statistics (``track_running_stats=False``): it normalises every batch
+    by that batch's own statistics, even in eval mode, so there are no statistics for a repair to correct."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            raise ValueError(
+                f"BatchNorm {name!r} has no running statistics (track_running_stats=False): pruning and repair "
+                "need BatchNorm layers that keep them"
+            )

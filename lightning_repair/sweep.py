@@ -38,7 +38,6 @@ The Fashion-MNIST CPU reproduction (README), from the repository root:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import itertools
 import json
@@ -66,10 +65,11 @@ from .datamodule import ImageDataModule
 from .diagnostics import rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_bytes, atomic_write_json
-from .models import NetworkSpec, network_config
-from .oneshot import OneShotResult, prune_and_repair
+from .models import NetworkSpec, load_dense, network_config
+from .module import PruneRepairModule, Sparsity
 from .operators import Operator, parse_recipe
-from .pipeline import PruneRepairModule, Sparsity, init_args, load_calibration, load_dense
+from .pipeline import prune_and_repair
+from .records import init_args, run_record, state_digest
 from .stores import Activations
 from .utils import timed
 
@@ -269,18 +269,10 @@ class CachedEvaluation:
         self.cache: dict[str, dict] = {}
 
     def __call__(self, model: nn.Module, _description: str = "") -> dict:  # oneshot.Evaluate
-        key = fingerprint(model)
+        key = state_digest(model.state_dict())
         if key not in self.cache:
             self.cache[key] = evaluate(model, self.dm.evaluation_dataloader(), self.device)
         return self.cache[key]
-
-
-def fingerprint(model: nn.Module) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def with_calibration_seed(dm: ImageDataModule, seed: int) -> ImageDataModule:
@@ -318,11 +310,12 @@ def run_sweep(
     test = CachedEvaluation(dm, device)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell", dynamic_ncols=True)
     for checkpoint, by_checkpoint in itertools.groupby(todo, key=lambda c: c.checkpoint):
-        dense = load_dense(network, checkpoint, dm, device)
+        dm.setup("fit")
+        dense = load_dense(network, checkpoint, device, dm.hparams.dataset, dm.info)
         acc_dense = test(dense)
         for seed, by_seed in itertools.groupby(by_checkpoint, key=lambda c: c.seed):
             seed_cells = list(by_seed)
-            calibration = load_calibration(with_calibration_seed(dm, seed), device)
+            calibration = with_calibration_seed(dm, seed).calibration_batches(device)
             shared = {"calibration_forward": calibration_forward_time(dense, calibration), "rr_profile": 0.0}
             profile = None
             if any(c.allocation_spec.method in PROFILE_METHODS for c in seed_cells):
@@ -333,7 +326,9 @@ def run_sweep(
                 start = time.perf_counter()
                 result = prune_and_repair(dense, calibration, cell.sparsity, cell.allocation_spec, cell.recipe, test,
                                           profile=profile, activations=activations)  # fmt: skip
-                rows.append(_row(cell, acc_dense, result, shared, sum(map(len, calibration))))
+                record = run_record(result, acc_dense, cell.sparsity, cell.allocation, cell.recipe,
+                                    result.timings | shared, sum(map(len, calibration)))  # fmt: skip
+                rows.append(results_row(cell, record))
                 write_results(output / RESULTS, rows)
                 bar.write(
                     f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}: accuracy dense "
@@ -346,15 +341,15 @@ def run_sweep(
     return [r for r in rows if row_key(r) in wanted]
 
 
-def _row(cell: Cell, acc_dense: dict, result: OneShotResult, shared: dict, calibration_samples: int) -> dict:
-    runs = {"dense": acc_dense, "pruned": result.pruned, "repaired": result.repaired}
+def results_row(cell: Cell, record: dict) -> dict:
+    """A results.csv row: the cell's key and the columns of ``COLUMNS`` read off the run record."""
     row = dict(zip(KEY, cell.key, strict=True))
-    row |= {f"acc_{k}": v["top1"] for k, v in runs.items()}
-    row |= {f"top5_{k}": v["top5"] for k, v in runs.items()}
-    row["achieved_sparsity"] = result.achieved_sparsity
-    row |= {f"time_{k}": result.timings.get(k, 0.0) for k in ("allocation", "masking", "repair", "evaluation")}
-    row |= {f"time_{k}": v for k, v in shared.items()}
-    row |= {"test_samples": result.repaired["samples"], "calibration_samples": calibration_samples}
+    row |= {f"acc_{k}": v for k, v in record["accuracy"].items()}
+    row |= {f"top5_{k}": v for k, v in record["accuracy_top5"].items()}
+    row["achieved_sparsity"] = record["sparsity"]["achieved"]
+    timings = record["timings_s"]
+    row |= {f"time_{k[5:]}": timings.get(k[5:], 0.0) for k in COLUMNS if k.startswith("time_")}
+    row |= {"test_samples": record["test_samples"], "calibration_samples": record["calibration_samples"]}
     return row
 
 

@@ -25,7 +25,7 @@ from lightning_repair.diagnostics import rr_profile
 from lightning_repair.evaluation import evaluate
 from lightning_repair.models import Network, load_weights
 from lightning_repair.operators import PRESETS
-from lightning_repair.pipeline import replica_digest, state_digest
+from lightning_repair.records import replica_digest, state_digest
 from lightning_repair.stats import Moments
 
 from helpers import TINY_NETWORK, pipeline_config, read_metrics, run_dir, run_fit, write_config

@@ -22,12 +22,12 @@ from lightning_repair.models import (
     ResNet,
     build_network,
     input_channels,
+    load_dense,
     load_weights,
     network_config,
     output_classes,
     read_state_dict,
 )
-from lightning_repair.pipeline import load_dense
 
 
 def small(arch: str = "resnet18", **kw) -> torch.nn.Module:
@@ -263,9 +263,11 @@ def test_rgb_stem_on_grayscale_data(tmp_path, monkeypatch):
     torch.save(build_network(network).state_dict(), checkpoint)
     gray = ImageDataModule("fashion_mnist", data_dir=str(tmp_path), augment=False, calibration_size=2)
     with pytest.raises(ValueError, match=r"in_channels=3 but dataset 'fashion_mnist' has .*in_channels=1.*data.rgb"):
-        load_dense(network, str(checkpoint), gray, "cpu")
+        gray.setup()
+        load_dense(network, str(checkpoint), "cpu", "fashion_mnist", gray.info)
     rgb = ImageDataModule("fashion_mnist", data_dir=str(tmp_path), augment=False, calibration_size=2, rgb=True)
-    model = load_dense(network, str(checkpoint), rgb, "cpu")
+    rgb.setup()
+    model = load_dense(network, str(checkpoint), "cpu", "fashion_mnist", rgb.info)
     image, _ = rgb.test_set[0]
     assert image.shape[0] == 3 and torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
     assert torch.equal(image[:1], gray.test_set[0][0])  # the same normalised channel, repeated

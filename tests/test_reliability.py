@@ -27,7 +27,7 @@ from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import mask_violations
 from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network, load_weights
 from lightning_repair.operators import PRESETS
-from lightning_repair.pipeline import state_digest
+from lightning_repair.records import state_digest
 from lightning_repair.repair import repair
 
 from helpers import (

@@ -1,0 +1,196 @@
+"""PruneRepairModule: ``lightning-repair fit`` prunes, repairs and evaluates in ``on_fit_start``.
+
+No training step runs: after the pipeline the fit loop is told it has nothing to do.
+Only rank 0 writes files; every statistic and every accuracy is reduced across processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse.typing import restricted_number_type
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, format_table
+from .callbacks import DiscardFailedRun
+from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
+from .evaluation import calibration_forward_time, evaluate
+from .export import atomic_write_json, export
+from .models import NetworkSpec, build_network, load_dense, network_config
+from .operators import parse_recipe
+from .pipeline import check_operators_fit, prune_and_repair
+from .records import init_args, plain, run_hparams, run_record
+from .stores import STORES, Activations
+from .utils import timed
+
+Sparsity = restricted_number_type("Sparsity", float, [(">=", 0.0), ("<", 1.0)])
+
+
+class PruneRepairModule(pl.LightningModule):
+    """Prune a dense checkpoint one-shot and repair it from unlabeled calibration images.
+
+    Args:
+        network: the checkpoint's architecture: a built-in one by name (``{arch: resnet18, ...}``) or any nn.Module
+            by class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {...}}``).
+        checkpoint: dense weights (Lightning checkpoint, state_dict or torchvision layout).
+        sparsity: target global sparsity over prunable weights, in [0, 1).
+        allocation: a method name (uniform, global, erk, lamp, rr, erk_rr) or a dict with options.
+        repair: a preset (``lightning-repair fit --help`` lists them with their operators) or a
+            list of operators, e.g. ``[{op: bn_recalibration}, {op: variance_matching, ...}]``.
+        save_model: write the repaired model (dense-shaped and compact sparse) to the log dir.
+        rr_grid: sparsities of the per-layer RR profile (docs/methods.md), which also adds D_raw, D_res
+            and RR at each layer's allocated sparsity to metrics.json; null or [] turns it off unless the
+            allocation (rr, erk_rr) needs it. Costs about len(rr_grid) + 2 dense calibration passes.
+        rr_repair: the channel-wise repair behind D_res and RR: ``vm`` (variance matching, the RR paper's),
+            ``ls`` (least-squares affine fit), ``asr`` (the asr preset's shrunk gain) or ``reconstruct`` (the
+            layer's own least-squares reconstruction; adds about the Gram cost of reconstruct to the profile).
+        activations: where the repair keeps the calibration set's activations as it walks the network: ``device``
+            (fastest), ``host`` (CPU memory, each chunk moved to the device only while a layer runs on it: device
+            memory no longer grows with data.calibration_size) or ``disk`` (a temporary directory under $TMPDIR,
+            deleted at the end: host memory no longer grows with it either). The repaired model is the same.
+    """
+
+    def __init__(
+        self,
+        network: NetworkSpec,
+        checkpoint: str,
+        sparsity: Sparsity = 0.95,
+        allocation: str | Allocation = "lamp",
+        repair: str | list[dict[str, Any]] = "default",
+        save_model: bool = True,
+        rr_grid: tuple[float, ...] | None = DEFAULT_GRID,
+        rr_repair: Literal["vm", "ls", "asr", "reconstruct"] = "vm",
+        activations: Activations = "device",
+    ):
+        super().__init__()
+        # the CLI's types check these too; repeated for the Python API
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"model.sparsity must be a number in [0, 1), got {sparsity!r}")
+        self.save_hyperparameters()
+        self.allocation = as_allocation(allocation)
+        self.recipe = parse_recipe(repair)  # validate before any work starts
+        self.rr_grid = check_grid(rr_grid or [])
+        if rr_repair not in RR_REPAIRS:
+            raise ValueError(f"model.rr_repair: {rr_repair!r} is not one of {RR_REPAIRS}")
+        if activations not in STORES:
+            raise ValueError(f"model.activations: {activations!r} is not one of {tuple(STORES)}")
+        if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
+            raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
+        self.network = network
+        self.model = build_network(network)
+        check_operators_fit(self.model, self.recipe)  # before any data is read
+        self.results: dict[str, Any] = {}
+        self.report = None  # the RepairReport of the last run
+        self.profile: RRProfile | None = None  # the dense model's RR profile, when rr_grid asks for one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):  # pragma: no cover - the fit loop is skipped
+        raise RuntimeError("PruneRepairModule does not train")
+
+    def configure_optimizers(self):
+        return None
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [DiscardFailedRun()]  # results are written at the end: a failed run has nothing to show
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def on_fit_start(self) -> None:
+        trainer, hp = self.trainer, self.hparams
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "calibration_dataloader"):
+            raise TypeError("PruneRepairModule needs an ImageDataModule (data: in the config)")
+        rank, world = trainer.global_rank, trainer.world_size
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not show)  # noqa: E731
+
+        dm.setup("fit")
+        dense = load_dense(self.network, hp.checkpoint, self.device, dm.hparams.dataset, dm.info)
+        calibration = dm.calibration_batches(self.device, rank, world, bar)
+        timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
+
+        def test(model, desc):
+            return evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device)
+
+        with timed(timings, "evaluation"):
+            acc_dense = test(dense, "evaluate dense")
+        keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
+        result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
+                                  activations=hp.activations)  # fmt: skip
+        for key, seconds in result.timings.items():
+            timings[key] = timings.get(key, 0.0) + seconds
+
+        self.model.load_state_dict(result.model.state_dict())
+        record = run_record(result, acc_dense, hp.sparsity, self.allocation.method, self.recipe, timings,
+                            sum(map(len, calibration)), top5=dm.info.num_classes > 5)  # fmt: skip
+        record["layers"] = [row | at_allocation.get(row["name"], {}) for row in record["layers"]]
+        self.results = record | {
+            "world_size": world,
+            "config": plain(init_args(self) | {"network": network_config(hp.network)}),  # rebuildable
+            "data_config": plain(init_args(dm)),
+            "data_location": dm.info.location,
+        }
+        if self.profile is not None:
+            self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,
+                                          "layers": self.profile.rows()}  # fmt: skip
+        self.report = result.report
+        self._write(result.masks)
+        trainer.fit_loop.max_epochs = 0  # nothing to train: the fit loop ends at once
+        trainer.enable_autolog_hparams = False  # _write logged the hparams with the accuracies (no hp_metric=-1)
+
+    def _allocate(
+        self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float]
+    ) -> tuple[dict[str, int], RRProfile | None, dict[str, dict]]:
+        """The keep counts, the RR profile (when rr_grid asks for one) and per layer name D_raw, D_res and RR at
+        the allocated keep count: measured in the profile's own pass when the allocation does not depend on the
+        profile, else in a second pass at one sparsity."""
+        sparsity, needs_profile = self.hparams.sparsity, self.allocation.method in PROFILE_METHODS
+        profile = None
+        if needs_profile:
+            with timed(timings, "rr"):
+                profile = rr_profile(dense, calibration, self.rr_grid, repair=self.hparams.rr_repair)
+        with timed(timings, "allocation"):
+            keep = allocate(dense, sparsity, self.allocation, profile=profile)
+        if not self.rr_grid:
+            return keep, None, {}
+        with timed(timings, "rr"):
+            grid = () if needs_profile else self.rr_grid
+            measured = rr_profile(dense, calibration, grid, keep=keep, repair=self.hparams.rr_repair)
+            profile = profile if needs_profile else measured
+        at_allocation = {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
+        return keep, profile, at_allocation
+
+    def _write(self, masks) -> None:
+        res = self.results
+        metrics = {f"test/acc_{k}": v for k, v in res["accuracy"].items()}
+        metrics |= {f"test/top5_{k}": v for k, v in res.get("accuracy_top5", {}).items()}
+        metrics |= {f"time/{k}": v for k, v in res["timings_s"].items()}
+        metrics["sparsity/achieved"] = res["sparsity"]["achieved"]
+        # Trainer.log_dir broadcasts from rank 0: every process must read it, or rank 0 waits forever
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=0)
+            for row in res["layers"]:
+                logger.log_metrics({f"density/{row['name']}": row["density"]}, step=0)
+            hparams = run_hparams(res)
+            logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
+        if self.hparams.save_model:
+            res["export"] = export(self.model, masks, log_dir)
+        atomic_write_json(log_dir / "metrics.json", res)
+        acc = res["accuracy"]
+        print(  # the results, on stdout (logging and progress bars are on stderr)
+            format_table(res["layers"])
+            + f"\n\naccuracy  dense {acc['dense']:.4f}  pruned {acc['pruned']:.4f}  repaired {acc['repaired']:.4f}"
+            + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
+            + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
+            + f"\nwrote {log_dir / 'metrics.json'}"
+            + "".join(f", {Path(res['export'][k]).name}" for k in ("state_dict", "sparse") if "export" in res)
+        )
