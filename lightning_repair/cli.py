@@ -32,8 +32,8 @@ from .datamodule import ImageDataModule
 from .evaluation import evaluate
 from .export import load_exported, unpickling_reason
 from .models import configure_parsing, load_weights
-from .operators import PRESETS
 from .module import PruneRepairModule
+from .operators import PRESETS
 
 configure_parsing()  # before any parser reads a NetworkSpec
 
