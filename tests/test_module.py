@@ -19,9 +19,8 @@ from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.export import load_sparse
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import apply_masks, compute_masks
-from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+from lightning_repair.models import CheckpointMismatchError, Network, check_running_stats, load_weights
 from lightning_repair.operators import describe, parse_recipe
-from lightning_repair.pipeline import check_running_stats, load_calibration
 
 from helpers import (
     TINY_NETWORK,
@@ -150,7 +149,7 @@ def test_no_top5_with_five_classes_or_fewer(tmp_path):
 
 def test_allocation_runs_once(tmp_path, dense_checkpoint, monkeypatch):
     """The pipeline's keep counts (also used for the RR diagnostics) are the ones pruned: no second allocation."""
-    from lightning_repair import oneshot, pipeline
+    from lightning_repair import module, pipeline
 
     calls = []
 
@@ -158,8 +157,8 @@ def test_allocation_runs_once(tmp_path, dense_checkpoint, monkeypatch):
         calls.append(args[1])
         return allocate(*args, **kwargs)
 
+    monkeypatch.setattr(module, "allocate", counted)
     monkeypatch.setattr(pipeline, "allocate", counted)
-    monkeypatch.setattr(oneshot, "allocate", counted)
     run_fit(write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint)))
     assert calls == [0.9]
     assert read_metrics(tmp_path)["timings_s"]["allocation"] > 0
@@ -185,7 +184,7 @@ def test_checkpoint_that_does_not_fit_is_refused_listing_keys(tmp_path, checkpoi
 
 def test_calibration_set_smaller_than_a_batch_is_one_batch():
     dm = ImageDataModule(dataset="synthetic", calibration_size=16, batch_size=32, augment=False)
-    (batch,) = load_calibration(dm, "cpu")
+    (batch,) = dm.calibration_batches("cpu")
     assert batch.shape == (16, 3, 16, 16)
     assert torch.equal(batch, torch.stack([dm.calibration_set[i] for i in range(16)]))
 
