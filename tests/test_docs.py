@@ -171,6 +171,13 @@ def test_readme_points_to_the_rest():
     assert "## From Python" in text
 
 
+@pytest.mark.parametrize("doc", DOCS, ids=rel)
+def test_make_targets_the_docs_name_exist(doc):
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    named = set(re.findall(r"(?:`|^)make ([a-z][\w-]*)", doc.read_text(), re.M))  # in code, not "make a model"
+    assert named <= targets, f"{rel(doc)} names make targets the Makefile lacks: {sorted(named - targets)}"
+
+
 @pytest.mark.parametrize("doc", [README, BENCHMARKS, ROOT / "docs" / "architecture.md"], ids=rel)
 def test_no_history_prose(doc):
     text = doc.read_text().lower()
