@@ -34,3 +34,15 @@ def batches() -> list[torch.Tensor]:
 def dense_checkpoint(tmp_path) -> Path:
     """``calibrated_dense()`` as a plain state_dict file, for ``pipeline_config``."""
     return save_dense_checkpoint(tmp_path / "dense.pt")
+
+
+# Names whose use in a test's body means it drives a whole command (``lightning-repair fit``/``evaluate``/
+# ``-sweep``, in process or in a subprocess): those tests are marked ``cli`` and left out of ``make test-fast``.
+CLI_DRIVERS = {"run_fit", "main", "build_cli", "sweep", "run_sweep", "subprocess"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        code = getattr(getattr(item, "function", None), "__code__", None)
+        if code is not None and CLI_DRIVERS & set(code.co_names):
+            item.add_marker(pytest.mark.cli)

@@ -82,6 +82,7 @@ def readme_example() -> str:
 def test_readme_from_python_example_runs_as_written(tmp_path):
     """The README's example, verbatim, on the shipped checkpoint and a generated stand-in for Fashion-MNIST
     (data/ in the working directory comes first), in a fresh process."""
+    (tmp_path / "data").mkdir()
     _write_fashion_mnist(tmp_path / "data", n_train=1024, n_test=20)
     (tmp_path / "checkpoints").symlink_to(ROOT / "checkpoints")
     example = tmp_path / "example.py"
@@ -93,6 +94,6 @@ def test_readme_from_python_example_runs_as_written(tmp_path):
     model = Network(arch="resnet18", num_classes=10, in_channels=1, width=0.25).build()
     state = torch.load(tmp_path / "repaired.pt", weights_only=True)
     load_weights(model, state)
-    kept = sum(int((layer.weight != 0).sum()) for layer in prunable_layers(model))
-    total = sum(layer.weight.numel() for layer in prunable_layers(model))
+    kept = sum(int((layer.module.weight != 0).sum()) for layer in prunable_layers(model))
+    total = sum(layer.numel for layer in prunable_layers(model))
     assert kept / total == pytest.approx(0.05, abs=1e-4)
