@@ -14,6 +14,7 @@ from torch import nn
 
 from .operators import Operator, describe
 from .pipeline import PruneRepairResult
+from .stats import world_size
 
 
 def run_record(
@@ -58,8 +59,8 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 def replica_digest(model: nn.Module) -> str:
     """``state_digest`` of the model, checked to be the same on every DDP process (RuntimeError if not)."""
     digest = state_digest(model.state_dict())
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        digests = [None] * dist.get_world_size()
+    if world_size() > 1:
+        digests = [None] * world_size()
         dist.all_gather_object(digests, digest)
         differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
         if differing:

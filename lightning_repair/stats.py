@@ -14,9 +14,14 @@ import torch
 import torch.distributed as dist
 
 
+def world_size() -> int:
+    """The number of processes of torch.distributed's default group; 1 when it is not initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over all processes when torch.distributed is initialised (as is otherwise)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
 
