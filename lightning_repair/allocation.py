@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .layers import ROLES, PrunableLayer, prunable_layers
-from .utils import is_number
+from .utils import is_real
 
 if TYPE_CHECKING:
     from .diagnostics import RRProfile
@@ -70,7 +70,7 @@ class Override:
             raise TypeError(f"override select must be a string (role:<role> or a name regex), got {self.select!r}")
         for name in ("sparsity", "max_density"):
             value = getattr(self, name)
-            if value is not None and not is_number(value):
+            if value is not None and not is_real(value):
                 raise TypeError(f"override {self.select!r}: {name} must be a number, got {value!r}")
         if (self.sparsity is None) == (self.max_density is None):
             raise ValueError(f"override {self.select!r}: give exactly one of sparsity or max_density")
@@ -104,8 +104,10 @@ class Allocation:
             raise ValueError(f"allocation.method: unknown method {self.method!r}; choose from {sorted(ALLOCATIONS)}")
         for name in ("power", "rr_power"):
             value = getattr(self, name)
-            if not is_number(value):
-                raise TypeError(f"allocation.{name} must be a finite number, got {value!r}")
+            if not is_real(value):
+                raise TypeError(f"allocation.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"allocation.{name} must be finite, got {value}")
         if isinstance(self.keep_dense, str) or not all(isinstance(s, str) for s in self.keep_dense):
             raise TypeError(f"allocation.keep_dense must be a list of selectors, got {self.keep_dense!r}")
         if isinstance(self.overrides, (str, Mapping)):
@@ -195,7 +197,7 @@ def allocate(
                 "allocate(..., profile=diagnostics.rr_profile(model, calibration_batches))"
             )
         method = partial(method, profile=profile)
-    if not is_number(sparsity) or not 0.0 <= sparsity < 1.0:
+    if not is_real(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     layers = prunable_layers(model)
     forced: dict[str, int] = {}
