@@ -43,6 +43,8 @@ CLI_DRIVERS = {"run_fit", "main", "build_cli", "sweep", "run_sweep", "subprocess
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        code = getattr(getattr(item, "function", None), "__code__", None)
-        if code is not None and CLI_DRIVERS & set(code.co_names):
+        functions = [getattr(item, "function", None)]  # the test, and the fixtures it uses (a fixture may run fit)
+        functions += [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        names = {n for f in functions if hasattr(f, "__code__") for n in f.__code__.co_names}
+        if CLI_DRIVERS & names:
             item.add_marker(pytest.mark.cli)
