@@ -20,7 +20,7 @@ from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, fo
 from .cache import DigestCache, batches_digest, dense_accuracy_key, model_digest, profile_codec
 from .callbacks import DiscardFailedRun
 from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
-from .evaluation import calibration_forward_time, evaluate
+from .evaluation import calibration_forward_time, evaluate, evaluation_precision
 from .export import atomic_write_json, export
 from .models import NetworkSpec, build_network, load_dense, network_config
 from .operators import parse_recipe
@@ -122,14 +122,16 @@ class PruneRepairModule(pl.LightningModule):
         calibration = dm.calibration_batches(self.device, rank, world, bar)
         timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
 
+        precision = evaluation_precision(trainer.precision, self.device)  # evaluation only, never the repair
+
         def test(model, desc):
-            return evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device)
+            return evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device, precision=precision)
 
         self.cache = DigestCache(self._cache_dir(), log=rank_zero_info)
         self._digests = {"model": model_digest(dense), "network": network_config(hp.network)}
         with timed(timings, "evaluation"):
             acc_dense, self.dense_cached = self.cache.get_or_compute(
-                "dense_accuracy", dense_accuracy_key(self._digests, dm, "32-true"),
+                "dense_accuracy", dense_accuracy_key(self._digests, dm, precision),
                 lambda: test(dense, "evaluate dense"), "the dense accuracy",
             )  # fmt: skip
         keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
@@ -147,6 +149,8 @@ class PruneRepairModule(pl.LightningModule):
             "config": plain(init_args(self) | {"network": network_config(hp.network)}),  # rebuildable
             "data_config": plain(init_args(dm)),
             "data_location": dm.info.location,
+            "evaluation_precision": precision,  # the repair's statistics are always float32/float64
+            "cached": {"dense_accuracy": self.dense_cached, "rr_profile": self.profile_cached},
         }
         if self.profile is not None:
             self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,

@@ -46,7 +46,7 @@ from .operators import (
     recalibrate,
 )
 from .reconstruction import layer_statistics, reconstruct_layer
-from .stats import accumulate
+from .stats import accumulate, channel_moments
 from .stores import STORES, Activations, ActivationStore, store_factory
 from .utils import eval_mode, timed
 
@@ -276,19 +276,23 @@ class _Walk:
             raise ValueError(f"BatchNorm {name} tracks no running statistics (track_running_stats=False): "
                              f"{', '.join(op.op for op in self.ops)} cannot act on it")  # fmt: skip
         x_p = self.env_p[node.args[0]]
+        # the pruned moments alone serve the recalibration and the ratio, in every dense mode (the same values)
+        m_p = channel_moments(x_p).check_finite(f"BN input of {name}")
         if self.dense_mode == "lockstep":
-            m = accumulate(zip(x_p, self.env_d[node.args[0]], strict=True)).check_finite(f"BN input of {name}")
-            var_d, self.report.variance_reference[name] = m.cov[1, 1], "calibration"
-        else:  # the pruned moments alone: the same values as the pruned half of the joint moments
-            m = accumulate((x,) for x in x_p).check_finite(f"BN input of {name}")
+            var_d = channel_moments(self.env_d[node.args[0]]).check_finite(f"dense BN input of {name}").cov[0, 0]
+            self.report.variance_reference[name] = "calibration"
+        else:
             running = self.mods_d[name].running_var
-            var_d = running.to(m.cov) if running is not None else torch.full_like(m.cov[0, 0], torch.nan)
+            var_d = running.to(m_p.cov) if running is not None else torch.full_like(m_p.cov[0, 0], torch.nan)
             self.report.variance_reference[name] = "running"
-        ratio = m.cov[0, 0] / var_d.clamp_min(EPS_VAR)
+        ratio = m_p.cov[0, 0] / var_d.clamp_min(EPS_VAR)
         if self.recalibrate:
-            recalibrate(bn, m)
-        for op in self.ops:
-            if "bn" in op.sites:
+            recalibrate(bn, m_p)
+        correcting = [op for op in self.ops if "bn" in op.sites]
+        if correcting:  # the joint moments of (pruned, dense) only where an operator reads them
+            x_d = self.env_d[node.args[0]]
+            m = accumulate(zip(x_p, x_d, strict=True)).check_finite(f"BN input of {name}")
+            for op in correcting:
                 op.correct_bn(bn, self.mods_d[name], m)
         if name not in self.report.bn_sites:
             self.report.bn_sites.append(name)

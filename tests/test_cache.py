@@ -143,3 +143,45 @@ def test_rr_cache_moves_the_cache(tmp_path, dense_checkpoint):
     assert len(list(elsewhere.glob("rr_profile-*.pt"))) == 1
     assert not (tmp_path / "run_root" / "cache").exists()
     assert read_metrics(tmp_path / "run_root")["accuracy"]["dense"] > 0
+
+
+def test_a_second_sweep_into_the_same_folder_reuses_the_dense_accuracy_and_the_rr_profile(
+    tmp_path, dense_checkpoint, monkeypatch
+):
+    """A sweep extended with a new sparsity evaluates no dense model and measures no RR profile again; its new cell
+    equals the same cell swept without the cache."""
+    from lightning_repair import sweep
+
+    calls = {"profile": 0, "dense": 0}
+    real_profile, real_evaluate = sweep.rr_profile, sweep.evaluate
+
+    def profile(*args, **kwargs):
+        calls["profile"] += 1
+        return real_profile(*args, **kwargs)
+
+    def evaluate(model, *args, **kwargs):
+        calls["dense"] += model_digest(model) == dense_digest
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "rr_profile", profile)
+    monkeypatch.setattr(sweep, "evaluate", evaluate)
+    state = torch.load(dense_checkpoint, weights_only=True)
+    model = calibrated_dense()
+    model.load_state_dict(state)
+    dense_digest = model_digest(model)
+
+    def run(output, sparsities):
+        grid = {"allocations": ["rr"], "sparsities": sparsities, "repairs": ["bn_recalibration"]}
+        config = pipeline_config(tmp_path, dense_checkpoint) | {"grid": grid, "output": str(output)}
+        sweep.main(["--config", str(write_config(tmp_path / "sweep.yaml", config))])
+        return {(r["sparsity"]): r for r in sweep.read_results(output / sweep.RESULTS)}
+
+    run(tmp_path / "sweep", [0.9])
+    assert calls == {"profile": 1, "dense": 1}
+    calls.update(profile=0, dense=0)
+    extended = run(tmp_path / "sweep", [0.9, 0.8])
+    assert calls == {"profile": 0, "dense": 0}
+    fresh = run(tmp_path / "fresh", [0.8])
+    assert calls == {"profile": 1, "dense": 1}
+    for column in ("acc_dense", "acc_pruned", "acc_repaired", "top5_repaired", "achieved_sparsity"):
+        assert extended[0.8][column] == fresh[0.8][column], column

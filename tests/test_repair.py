@@ -461,3 +461,21 @@ def test_a_bn_behind_stochastic_depth_is_a_block_site(batches):
     assert report.block_sites == ["add"] and not torch.equal(pruned.bn.bias, dense.bn.bias)
     assert torch.equal(pruned.bn.weight, gamma)  # the identity operand takes the gain as a pending scale
     assert not torch.equal(pruned.fc.weight, dense.fc.weight)  # ... folded into the classifier's columns
+
+
+def test_channel_moments_match_float64_also_when_the_mean_dwarfs_the_spread():
+    """The walk's per-channel BN statistics against float64 on the whole set: a channel with mean 1e4 and std 1
+    keeps its variance to 1e-5 relative (raw float32 squares would lose it entirely), whatever the batching."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 5, 5, generator=g, dtype=torch.float64)
+    x[:, 1] += 1e4
+    x[:, 2] = 0.0  # a dead channel: variance exactly 0
+    x = x.float().double()  # the data as the walk sees it
+    reference_var = x.transpose(0, 1).flatten(1).var(1, unbiased=False)
+    reference_mean = x.transpose(0, 1).flatten(1).mean(1)
+    for chunks in (list(x.float().split(7)), [x.float()]):
+        m = repair_module.channel_moments(chunks)
+        assert int(m.count) == 40 * 25
+        assert torch.allclose(m.mean[0], reference_mean, rtol=1e-9, atol=1e-6)  # std 1: 1e-6 of the spread
+        assert torch.allclose(m.cov[0, 0, :2], reference_var[:2], rtol=1e-5, atol=0)
+        assert m.cov[0, 0, 2] == 0
