@@ -4,8 +4,10 @@
         [--sparsities 0.95 0.9] [--out benchmarks/results/fit_time.md]
 
 Each run is ``lightning-repair fit --config CONFIG --model.sparsity S`` in a fresh process, all logging into one new
-folder (so the second run finds the first run's cache under the run's root). The phases are metrics.json's
-``timings_s``; ``other`` is the rest of the process's wall time (start-up, imports, data loading, writing).
+folder (so the second run finds the first run's cache under the run's root). ``--pythonpath DIR`` runs another
+checkout (from DIR, where CONFIG and its checkpoint must also be found), to compare before and after. The phases
+are metrics.json's ``timings_s``; ``other`` is the rest of the process's wall time (start-up, imports, data
+loading, writing).
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ PHASES = ("evaluation", "rr", "calibration_forward", "allocation", "masking", "r
 
 
 def run(config: str, sparsity: float, root: Path, pythonpath: str | None) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    env, cwd = dict(os.environ), None
+    if pythonpath:  # ``python -m`` puts the working directory first on sys.path: run from the other checkout
+        env["PYTHONPATH"], cwd = pythonpath, pythonpath
     command = [sys.executable, "-m", "lightning_repair.cli", "fit", "--config", config,
                "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false",
                "--model.sparsity", str(sparsity)]  # fmt: skip
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"fit failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import update_bn
 
+from lightning_repair import reconstruction
 from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.evaluation import calibration_forward_time
 from lightning_repair.masks import apply_masks, compute_masks
@@ -118,13 +119,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--gram-products",
+        choices=("auto", "float32", "float64"),
+        default="auto",
+        help="dtype of reconstruct's conv Gram products (accumulated in float64); auto: per device",
+    )
     parser.add_argument("--out", type=Path, help="also write the tables (Markdown) here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.gram_products != "auto":
+        reconstruction.PRODUCT_DTYPE = getattr(torch, args.gram_products)
+    products = reconstruction.product_dtype(device)
     lines = [f"`benchmarks/repair_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
              f"{args.images} images of {args.in_channels}x{args.image_size}x{args.image_size}, batch "
              f"{args.batch_size}, width {args.width}, LAMP {args.sparsity:.0%}, {device.type}, "
-             f"{torch.get_num_threads()} thread(s), best of {args.repeats} alternating repeats", ""]  # fmt: skip
+             f"{torch.get_num_threads()} thread(s), Gram products in {str(products).removeprefix('torch.')}, "
+             f"best of {args.repeats} alternating repeats", ""]  # fmt: skip
     for arch in args.archs:
         lines += table(arch, measure(arch, args, device), args)
         print("\n".join(lines), flush=True)
