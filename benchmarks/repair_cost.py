@@ -14,7 +14,10 @@ all of them alike):
   set that its maths needs (1 F for a pruned-only walk, 2 F when the dense network is also read), and for
   ``bn_recalibration`` its ratio to ``update_bn``. For ``reconstruct`` also the time in its Gram statistics and solves.
 
-Random weights with data-driven BN statistics: cost does not depend on what the network learned.
+Random weights with data-driven BN statistics: cost does not depend on what the network learned. With --cpu-time
+every duration is the process's CPU time instead of wall time (with OMP_NUM_THREADS=1, not inflated by other jobs on
+the machine); with --flops it counts the floating-point operations of matrix products and convolutions instead
+(torch.utils.flop_counter; elementwise work and solves are not counted): the arithmetic a preset needs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import update_bn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_repair import reconstruction
 from lightning_repair.allocation import Allocation, allocate
@@ -52,6 +56,12 @@ def seconds(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
 def measure(arch: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     images = torch.randn(args.images, args.in_channels, args.image_size, args.image_size, device=device)
@@ -66,6 +76,12 @@ def measure(arch: str, args, device: torch.device) -> dict:
     pruned = apply_masks(copy.deepcopy(dense), masks)
     best: dict[str, float] = {}
     shares: dict[str, float] = {}
+    if args.flops:  # the same table, in FLOPs instead of seconds
+        best["F"] = sum(flops(lambda b=b: dense(b)) for b in batches)
+        best["update_bn"] = flops(lambda: update_bn(batches, copy.deepcopy(pruned)))
+        for preset in args.presets:
+            best[preset] = flops(lambda p=preset: repair(copy.deepcopy(pruned), dense, batches, p, masks=masks))
+        return {"best": best, "shares": shares}
 
     def keep(name, value):
         best[name] = min(best.get(name, float("inf")), value)
@@ -93,7 +109,8 @@ def measure(arch: str, args, device: torch.device) -> dict:
 
 def table(arch: str, result: dict, args) -> list[str]:
     best, f = result["best"], result["best"]["F"]
-    lines = [f"### {arch}: F = {f:.3f} s, `update_bn` = {best['update_bn'] / f:.2f} F", "",
+    unit = f"{f / 1e9:.2f} GFLOP" if args.flops else f"{f:.3f} s"
+    lines = [f"### {arch}: F = {unit}, `update_bn` = {best['update_bn'] / f:.2f} F", "",
              "| preset | time | floor | time / floor | time / `update_bn` | Grams / solves |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for preset in args.presets:
@@ -126,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         help="dtype of reconstruct's conv Gram products (accumulated in float64); auto: per device",
     )
     parser.add_argument("--out", type=Path, help="also write the tables (Markdown) here")
+    cost = parser.add_mutually_exclusive_group()
+    cost.add_argument("--cpu-time", action="store_true", help="measure CPU time (with OMP_NUM_THREADS=1)")
+    cost.add_argument("--flops", action="store_true", help="count matrix-product and convolution FLOPs, not time")
     args = parser.parse_args(argv)
+    if args.cpu_time:  # every timer here and in the library reads time.perf_counter
+        time.perf_counter = time.process_time
     device = torch.device(args.device)
     if args.gram_products != "auto":
         reconstruction.PRODUCT_DTYPE = getattr(torch, args.gram_products)
