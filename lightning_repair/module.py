@@ -12,13 +12,15 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import restricted_number_type
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, format_table
+from .cache import DigestCache, batches_digest, dense_accuracy_key, model_digest, profile_codec
 from .callbacks import DiscardFailedRun
 from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
-from .evaluation import calibration_forward_time, evaluate
+from .evaluation import calibration_forward_time, evaluate, evaluation_precision
 from .export import atomic_write_json, export
 from .models import NetworkSpec, build_network, load_dense, network_config
 from .operators import parse_recipe
@@ -52,6 +54,10 @@ class PruneRepairModule(pl.LightningModule):
             (fastest), ``host`` (CPU memory, each chunk moved to the device only while a layer runs on it: device
             memory no longer grows with data.calibration_size) or ``disk`` (a temporary directory under $TMPDIR,
             deleted at the end: host memory no longer grows with it either). The repaired model is the same.
+        rr_cache: where the dense model's RR profile and test accuracy are cached, keyed by digests of the
+            checkpoint's content, the calibration set, the grid and rr_repair (the accuracy: of the checkpoint and
+            the test set), so that another run with another sparsity, allocation or repair reuses them: ``auto``
+            (``cache/`` under the run's root, the logger's folder that holds its versions), a folder, or null (off).
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class PruneRepairModule(pl.LightningModule):
         rr_grid: tuple[float, ...] | None = DEFAULT_GRID,
         rr_repair: Literal["vm", "ls", "asr", "reconstruct"] = "vm",
         activations: Activations = "device",
+        rr_cache: str | None = "auto",
     ):
         super().__init__()
         # the CLI's types check these too; repeated for the Python API
@@ -115,11 +122,18 @@ class PruneRepairModule(pl.LightningModule):
         calibration = dm.calibration_batches(self.device, rank, world, bar)
         timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
 
-        def test(model, desc):
-            return evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device)
+        precision = evaluation_precision(trainer.precision, self.device)  # evaluation only, never the repair
 
+        def test(model, desc):
+            return evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device, precision=precision)
+
+        self.cache = DigestCache(self._cache_dir(), log=rank_zero_info)
+        self._digests = {"model": model_digest(dense), "network": network_config(hp.network)}
         with timed(timings, "evaluation"):
-            acc_dense = test(dense, "evaluate dense")
+            acc_dense, self.dense_cached = self.cache.get_or_compute(
+                "dense_accuracy", dense_accuracy_key(self._digests, dm, precision),
+                lambda: test(dense, "evaluate dense"), "the dense accuracy",
+            )  # fmt: skip
         keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
         result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
                                   activations=hp.activations)  # fmt: skip
@@ -135,6 +149,8 @@ class PruneRepairModule(pl.LightningModule):
             "config": plain(init_args(self) | {"network": network_config(hp.network)}),  # rebuildable
             "data_config": plain(init_args(dm)),
             "data_location": dm.info.location,
+            "evaluation_precision": precision,  # the repair's statistics are always float32/float64
+            "cached": {"dense_accuracy": self.dense_cached, "rr_profile": self.profile_cached},
         }
         if self.profile is not None:
             self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,
@@ -152,19 +168,43 @@ class PruneRepairModule(pl.LightningModule):
         profile, else in a second pass at one sparsity."""
         sparsity, needs_profile = self.hparams.sparsity, self.allocation.method in PROFILE_METHODS
         profile = None
-        if needs_profile:
-            with timed(timings, "rr"):
-                profile = rr_profile(dense, calibration, self.rr_grid, repair=self.hparams.rr_repair)
+        self.profile_cached = False
+        if not self.rr_grid:
+            with timed(timings, "allocation"):
+                return allocate(dense, sparsity, self.allocation), None, {}
+        key = self._digests | {"calibration": batches_digest(calibration), "grid": self.rr_grid,
+                               "rr_repair": self.hparams.rr_repair}  # fmt: skip
+        with timed(timings, "rr"):
+            if needs_profile:
+                profile, self.profile_cached = self.cache.get_or_compute(
+                    "rr_profile", key, lambda: rr_profile(dense, calibration, self.rr_grid,
+                                                          repair=self.hparams.rr_repair),
+                    "the RR profile", *profile_codec(),
+                )  # fmt: skip
+            else:  # the grid and this run's keep counts in one pass, unless the grid's profile is cached
+                profile = self.cache.get("rr_profile", key, "the RR profile", profile_codec()[1])
+                self.profile_cached = profile is not None
         with timed(timings, "allocation"):
             keep = allocate(dense, sparsity, self.allocation, profile=profile)
-        if not self.rr_grid:
-            return keep, None, {}
         with timed(timings, "rr"):
-            grid = () if needs_profile else self.rr_grid
+            grid = () if profile is not None else self.rr_grid
             measured = rr_profile(dense, calibration, grid, keep=keep, repair=self.hparams.rr_repair)
-            profile = profile if needs_profile else measured
+            if profile is None:
+                profile = measured
+                self.cache.put("rr_profile", key, measured, profile_codec()[0])
         at_allocation = {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
         return keep, profile, at_allocation
+
+    def _cache_dir(self) -> Path | None:
+        """``rr_cache``'s folder: ``auto`` is ``cache/`` under the run's root (the first logger's root_dir, which
+        holds its versions; else the trainer's default_root_dir)."""
+        setting = self.hparams.rr_cache
+        if setting is None or setting in ("none", "off", "false"):
+            return None
+        if setting != "auto":
+            return Path(setting)
+        root = next((getattr(lg, "root_dir", None) for lg in self.trainer.loggers), None)
+        return Path(root or self.trainer.default_root_dir) / "cache"
 
     def _write(self, masks) -> None:
         res = self.results

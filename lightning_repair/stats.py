@@ -90,3 +90,28 @@ def accumulate(chunks: Iterable[Sequence[torch.Tensor]]) -> Moments:
     if total is None:
         raise ValueError("no calibration data: the calibration loader yielded no batch")
     return total.all_reduce()
+
+
+def channel_moments(chunks: Iterable[torch.Tensor]) -> Moments:
+    """Per-channel moments of one variable (k = 1) over chunks; reduced across processes.
+
+    Faster than ``accumulate`` for one variable, and no less accurate: each (sample, channel) is centred on its own
+    float32 mean m (one mean, then the sum and the norm of the centred values), and the raw sums are restored in
+    float64, so the variance does not cancel in float32 when |mean| >> std.
+    """
+    total = None
+    for t in chunks:
+        x = t.detach().to(torch.promote_types(t.dtype, torch.float32))
+        x = x.reshape(x.shape[0], x.shape[1], -1)
+        n = x.shape[2]
+        m = x.mean(2, keepdim=True)
+        d = x - m
+        s, q = d.sum(2).double(), torch.linalg.vector_norm(d, dim=2).double().square()
+        m = m.squeeze(2).double()  # sum x = n m + s, sum x^2 = q + 2 m s + n m^2 (m is the rounded mean: s != 0)
+        count = torch.tensor(float(x.shape[0] * n), dtype=torch.float64, device=x.device)
+        sums, grams = (n * m + s).sum(0), (q + 2 * m * s + n * m.square()).sum(0)
+        chunk = Moments(count, sums[None], grams[None, None])
+        total = chunk if total is None else total + chunk
+    if total is None:
+        raise ValueError("no calibration data: the calibration loader yielded no batch")
+    return total.all_reduce()

@@ -60,9 +60,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .allocation import PROFILE_METHODS, Allocation
+from .cache import DigestCache, batches_digest, dense_accuracy_key, model_digest, profile_codec
 from .cli import ConfigError, RepairCLI, fit_epilog, reported_errors
 from .datamodule import ImageDataModule
-from .diagnostics import rr_profile
+from .diagnostics import DEFAULT_GRID, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_bytes, atomic_write_json
 from .models import NetworkSpec, load_dense, network_config
@@ -308,19 +309,26 @@ def run_sweep(
         print(f"resuming the sweep in {output}: {len(cells) - len(todo)} of {len(cells)} cells are already in "
               f"{RESULTS}, {len(todo)} to run", file=sys.stderr)  # fmt: skip
     test = CachedEvaluation(dm, device)
+    cache = DigestCache(output / "cache", log=tqdm.write)  # the dense accuracy and RR profile, across sweeps
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell", dynamic_ncols=True)
     for checkpoint, by_checkpoint in itertools.groupby(todo, key=lambda c: c.checkpoint):
         dm.setup("fit")
         dense = load_dense(network, checkpoint, device, dm.hparams.dataset, dm.info)
-        acc_dense = test(dense)
+        digests = {"model": model_digest(dense), "network": network_config(network)}  # as fit's cache keys
+        acc_dense, _ = cache.get_or_compute(
+            "dense_accuracy", dense_accuracy_key(digests, dm, "32-true"), lambda d=dense: test(d), "the dense accuracy"
+        )
         for seed, by_seed in itertools.groupby(by_checkpoint, key=lambda c: c.seed):
             seed_cells = list(by_seed)
             calibration = with_calibration_seed(dm, seed).calibration_batches(device)
             shared = {"calibration_forward": calibration_forward_time(dense, calibration), "rr_profile": 0.0}
             profile = None
             if any(c.allocation_spec.method in PROFILE_METHODS for c in seed_cells):
+                key = digests | {"calibration": batches_digest(calibration), "grid": check_grid(DEFAULT_GRID),
+                                 "rr_repair": rr_repair}  # fmt: skip
+                compute = lambda d=dense, c=calibration: rr_profile(d, c, repair=rr_repair)  # noqa: E731
                 with timed(shared, "rr_profile"):
-                    profile = rr_profile(dense, calibration, repair=rr_repair)
+                    profile, _ = cache.get_or_compute("rr_profile", key, compute, "the RR profile", *profile_codec())
             for cell in seed_cells:
                 bar.set_postfix_str(f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}")
                 start = time.perf_counter()
