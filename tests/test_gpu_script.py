@@ -22,7 +22,7 @@ def test_gpu_script_smoke_mode_runs_every_step(tmp_path):
     assert "cpu Gram products torch.float32" in text
     sections = text.split("\n## ")[1:]
     titles = [s.splitlines()[0] for s in sections]
-    assert len(titles) == 9, titles
+    assert len(titles) == 8, titles
     body = dict(zip(titles, sections, strict=True))
     first, second = (body[t] for t in titles if t.startswith("quickstart, ") and "recorded" not in t)
     assert "accuracy  dense" in first and "reusing" not in first
