@@ -319,6 +319,8 @@ def reported_errors(prog: str) -> Iterator[None]:
 
 
 def _stopped(prog: str, signum: int) -> None:
+    for bar in list(getattr(tqdm, "_instances", ())):  # the line goes below the progress bars, not onto them
+        bar.close()
     try:
         note = interrupts.note()
     except Exception as err:  # what was saved could not be read: say so rather than hide the interruption
