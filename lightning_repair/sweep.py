@@ -653,6 +653,10 @@ def sweep(args: list[str] | None = None) -> None:
         with locked(output / LOCK):  # the last shard to finish reports the whole grid
             rows = read_results(output / RESULTS)
             rows = [r for r in rows if row_key(r) in {c.key for c in cells}]
+            if not rows:  # a shard with no cell (more shards than cells) ending first
+                which = f"shard {shard[0]}/{shard[1]}" if shard else "sweep"
+                print(f"{which} done: no cell of the grid in {output / RESULTS} yet")
+                return
             print(report(rows, output))
         where = f"figure {output / PLOT}; table {output / TABLE}"
         if shard is None or len(rows) == len(cells):

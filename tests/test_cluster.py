@@ -107,6 +107,13 @@ def test_shards_partition_the_grid():
     assert shard_cells(cells, None) == cells
 
 
+def test_a_shard_without_cells_runs_nothing(tmp_path, capsys):
+    config = sweep_config(tmp_path, tmp_path / "never_loaded.pt")  # 4 cells: shard 5 of 6 has none
+    sweep.main(["--config", str(config), "--shard", "5/6"])
+    assert "shard 5/6 done: no cell of the grid" in capsys.readouterr().out
+    assert read_results(tmp_path / "sweep" / RESULTS) == []
+
+
 def _add_rows(output: str, worker: int, count: int) -> None:
     results = Results(Path(output), [])
     for i in range(count):
