@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS
@@ -325,7 +326,8 @@ def _stopped(prog: str, signum: int) -> None:
         note = interrupts.note()
     except Exception as err:  # what was saved could not be read: say so rather than hide the interruption
         note = f"could not tell what was saved ({error_message(err)})"
-    print(f"{prog}: {interrupts.describe(signum)}: {note}", file=sys.stderr, flush=True)
+    if getattr(rank_zero_only, "rank", 0) == 0:  # under srun or torchrun every process got the signal
+        print(f"{prog}: {interrupts.describe(signum)}: {note}", file=sys.stderr, flush=True)
     raise SystemExit(interrupts.exit_status(signum)) from None
 
 
