@@ -55,6 +55,7 @@ import matplotlib.image
 import numpy as np
 import torch
 import torch.distributed as dist
+from jsonargparse import ActionYesNo
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
@@ -579,8 +580,8 @@ class SweepCLI(RepairCLI):
             "folder; in a SLURM job array it defaults to the array task's index and count",
         )  # fmt: skip
         parser.add_argument(
-            "--report", type=bool, default=False,
-            help="true: run nothing; rebuild results.md, the figure and the TensorBoard summary from results.csv",
+            "--report", action=ActionYesNo, default=False,
+            help="run nothing: rebuild results.md, the figure and the TensorBoard summary from results.csv",
         )  # fmt: skip
 
 
@@ -663,7 +664,7 @@ def sweep(args: list[str] | None = None) -> None:
             print(f"\n{len(rows)} cells in {output / RESULTS}; {where}")
         else:
             print(f"\nshard {shard[0]}/{shard[1]} done: {len(rows)} of {len(cells)} cells in {output / RESULTS} so "
-                  f"far; {where} (rebuilt by every shard as it ends, or by --report true)")  # fmt: skip
+                  f"far; {where} (rebuilt by every shard as it ends, or by --report)")  # fmt: skip
 
     on_every_process(trainer, work)
 

@@ -156,7 +156,7 @@ def test_two_shards_started_together_give_the_full_grid(complete, tmp_path):
         (out / name).unlink()
     checkpoint.rename(checkpoint.with_suffix(".moved"))
     try:
-        sweep.main(["--config", str(config), "--report", "true"])
+        sweep.main(["--config", str(config), "--report"])
     finally:
         checkpoint.with_suffix(".moved").rename(checkpoint)
     assert (out / "results.md").read_text() == sweep.markdown_table(shards)
@@ -167,7 +167,7 @@ def test_two_shards_started_together_give_the_full_grid(complete, tmp_path):
 def test_report_of_an_empty_folder_is_an_error(tmp_path, capsys):
     config = sweep_config(tmp_path, tmp_path / "never_loaded.pt")
     with pytest.raises(SystemExit) as info:
-        sweep.main(["--config", str(config), "--report", "true"])
+        sweep.main(["--config", str(config), "--report"])
     assert info.value.code == 1 and "holds no row: nothing to report" in capsys.readouterr().err
 
 
