@@ -35,11 +35,19 @@ def without_times(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
 
-def start_sweep(config: Path, *flags: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lightning_repair.sweep", "--config", str(config), *flags],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-    )  # fmt: skip
+def start_sweep(config: Path, *flags: str, log: Path | None = None) -> subprocess.Popen:
+    """The sweep in a subprocess, its stderr into ``log`` (a file, not a pipe: the progress bar would fill a pipe
+    that nobody reads while the test waits for a row, and block the sweep)."""
+    with open(log or os.devnull, "w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lightning_repair.sweep", "--config", str(config), *flags],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+        )  # fmt: skip
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as output:
+        return subprocess.Popen(command, env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, rows: int = 1) -> None:
@@ -139,9 +147,11 @@ def test_concurrent_writers_lose_and_repeat_no_row(tmp_path):
 def test_two_shards_started_together_give_the_full_grid(complete, tmp_path):
     checkpoint, rows = complete
     config = sweep_config(tmp_path, checkpoint)
-    procs = [start_sweep(config, "--shard", f"{i}/2", stderr=subprocess.PIPE) for i in range(2)]
-    outputs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    logs = [tmp_path / f"shard{i}.log" for i in range(2)]
+    procs = [start_sweep(config, "--shard", f"{i}/2", log=logs[i]) for i in range(2)]
+    for p in procs:
+        p.wait(timeout=TIMEOUT)
+    assert [p.returncode for p in procs] == [0, 0], [log.read_text() for log in logs]
     out = tmp_path / "sweep"
     with (out / RESULTS).open(newline="") as f:
         assert len(list(csv.reader(f))) == 1 + len(rows)  # the header and one line per cell
@@ -208,13 +218,15 @@ def test_stopped_sweep_keeps_its_finished_cells_and_says_how_to_resume(complete,
     checkpoint, rows = complete
     config = sweep_config(tmp_path, checkpoint)
     csv_path = tmp_path / "sweep" / RESULTS
-    proc = start_sweep(config, stderr=subprocess.PIPE)
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(config, log=log)
     try:
         wait_for(csv_path, proc)
         proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
     finally:
         proc.kill()
+    stderr = log.read_text()
     assert proc.returncode == status, stderr
     kept = read_results(csv_path)
     assert 1 <= len(kept) < len(rows) and without_times(kept) == without_times(rows[: len(kept)])
@@ -240,18 +252,19 @@ main(sys.argv[2:])
 def test_sigterm_of_fit_exits_143_and_leaves_no_empty_run(tmp_path, dense_checkpoint):
     config = write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint, rr_grid=None))
     marker = tmp_path / "pipeline-started"
-    proc = subprocess.Popen([sys.executable, "-c", STALLED_FIT, str(marker), "fit", "--config", str(config)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = tmp_path / "fit.log"
+    proc = start([sys.executable, "-c", STALLED_FIT, str(marker), "fit", "--config", str(config)], log)
     try:
         deadline = time.monotonic() + TIMEOUT
         while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         assert (run_dir(tmp_path) / "config.yaml").exists()  # the framework had started the run folder
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
     finally:
         proc.kill()
+    stderr = log.read_text()
     assert proc.returncode == 143, stderr
     line = one_line(stderr, "lightning-repair")
     assert line == ("lightning-repair: terminated (SIGTERM): nothing was saved (a prune-and-repair run writes its "
@@ -270,17 +283,18 @@ def _mapped(pid: int, library: str) -> bool:
 def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, dense_checkpoint):
     """SIGINT while the console script still imports its libraries (torch is loaded, the CLI not yet built)."""
     config = write_config(tmp_path / "config.yaml", pipeline_config(tmp_path, dense_checkpoint))
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_repair.cli", "fit", "--config", str(config)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = tmp_path / "fit.log"
+    proc = start([sys.executable, "-m", "lightning_repair.cli", "fit", "--config", str(config)], log)
     try:
         deadline = time.monotonic() + TIMEOUT
         while not _mapped(proc.pid, "libtorch"):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
     finally:
         proc.kill()
+    stderr = log.read_text()
     assert proc.returncode == 130, stderr
     line = one_line(stderr, "lightning-repair")
     assert line.startswith("lightning-repair: interrupted (Ctrl-C)") and "nothing ran" in line
