@@ -25,6 +25,7 @@ EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NAMES = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "terminated (SIGTERM)"}
 
 _received: int | None = None
+_DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 _note: str | Callable[[], str] = "nothing ran yet"
 
 
@@ -72,7 +73,8 @@ def handled() -> Iterator[None]:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            # the start-up handler's "nothing ran" would be wrong now: back to Python's own
+            signal.signal(s, _DEFAULT[s] if handler is _quit_during_startup else handler)
 
 
 def _raise(signum, _frame) -> None:
