@@ -128,6 +128,8 @@ class ImageDataModule(pl.LightningDataModule):
         loader = self.calibration_dataloader(rank, world_size)
         return [b.to(device) for b in (progress(loader, "calibration data") if progress else loader)]
 
-    def evaluation_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
-        """Labeled test images; every sample is in exactly one process's shard (no padding)."""
-        return self._loader(Subset(self.test_set, shard_indices(len(self.test_set), rank, world_size)))
+    def evaluation_dataloader(self, rank: int = 0, world_size: int = 1, samples: int | None = None) -> DataLoader:
+        """Labeled test images (the first ``samples`` only, if given); every sample is in exactly one process's shard
+        (no padding)."""
+        n = len(self.test_set) if samples is None else min(samples, len(self.test_set))
+        return self._loader(Subset(self.test_set, shard_indices(n, rank, world_size)))

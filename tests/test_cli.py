@@ -4,6 +4,7 @@ and once as the console script: what the user reads, and where."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 import torch
 from torch.optim.swa_utils import update_bn
+from torch.utils.data import Subset
 
 from lightning_repair.allocation import ALLOCATIONS
 from lightning_repair.cli import ANY_RUN, PRUNE_REPAIR_RUN, main
@@ -19,7 +21,16 @@ from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network, load_weights
 from lightning_repair.operators import PRESETS
 
-from helpers import TINY_NETWORK, calibrated_dense, pipeline_config, read_metrics, run_dir, run_fit, write_config
+from helpers import (
+    TINY_NETWORK,
+    calibrated_dense,
+    pipeline_config,
+    plain_accuracy,
+    read_metrics,
+    run_dir,
+    run_fit,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -138,6 +149,59 @@ def test_evaluate_an_exported_model(tmp_path, config_path, capsys):
     for name in ("repaired.pt", "repaired.sparse.pt"):
         main(["evaluate", "--config", str(config_path), "--weights", str(run_dir(tmp_path) / name)])
         assert f"top-1 {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_runs_saved_config_and_writes_one_result_file(tmp_path, config_path, capsys):
+    run_fit(config_path)
+    metrics = read_metrics(tmp_path)
+    saved = run_dir(tmp_path) / "config.yaml"  # as Lightning wrote it: with fit's ckpt_path, optimizer, ...
+    assert "ckpt_path: null" in saved.read_text()
+    capsys.readouterr()
+    main(["evaluate", "--config", str(saved), "--weights", str(run_dir(tmp_path) / "repaired.pt")])
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"top-1 {metrics['accuracy']['repaired']:.4f}" in line and "(257 test images, synthetic)" in line
+    result = json.loads((run_dir(tmp_path) / "repaired.evaluation.json").read_text())
+    assert result["accuracy"]["top1"] == metrics["accuracy"]["repaired"]
+    assert result["accuracy"]["top5"] == metrics["accuracy_top5"]["repaired"]
+    assert (result["test_samples"], result["test_set_size"], result["partial"]) == (257, 257, False)
+    assert result["state_sha256"] == metrics["state_sha256"] and result["world_size"] == 1
+
+
+@pytest.mark.parametrize(("limit", "images"), [("2", 64), ("0.5", 128)])
+def test_evaluate_with_limit_test_batches_says_it_is_partial(tmp_path, config_path, capsys, limit, images):
+    """An integer is a number of batches of data.batch_size (32), a fraction a share of the test set; the images
+    are the first ones of the test set, whatever the number of processes."""
+    run_fit(config_path, "--model.rr_grid", "null")
+    weights = run_dir(tmp_path) / "repaired.pt"
+    output = tmp_path / "partial.json"
+    capsys.readouterr()
+    main(["evaluate", "--config", str(config_path), "--weights", str(weights), "--output", str(output),
+          "--trainer.limit_test_batches", limit])  # fmt: skip
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"({images} of 257 test images: partial, trainer.limit_test_batches={limit}" in line
+    result = json.loads(output.read_text())
+    assert (result["test_samples"], result["partial"]) == (images, True)
+    model = load_weights(Network(**TINY_NETWORK).build(), weights)
+    test_set = ImageDataModule(dataset="synthetic", augment=False)
+    test_set.setup()
+    top1, top5 = plain_accuracy(model, Subset(test_set.test_set, range(images)))
+    assert result["accuracy"]["top1"] == pytest.approx(top1) and result["accuracy"]["top5"] == pytest.approx(top5)
+    assert top1 != pytest.approx(read_metrics(tmp_path)["accuracy"]["repaired"])  # not the whole test set's
+
+
+def test_evaluate_refuses_a_limit_that_selects_no_image(tmp_path, config_path, capsys):
+    torch.save(calibrated_dense().state_dict(), tmp_path / "weights.pt")
+    code, err = cli_failure(capsys, config_path, "--weights", str(tmp_path / "weights.pt"),
+                            "--trainer.limit_test_batches", "0", subcommand="evaluate")  # fmt: skip
+    assert code == 2
+    assert_one_error_line(err, "trainer.limit_test_batches=0", "selects no test image")
+
+
+def test_fit_refuses_limit_test_batches(tmp_path, capsys, config_path):
+    code, err = cli_failure(capsys, config_path, "--trainer.limit_test_batches", "2")
+    assert code == 2
+    assert_one_error_line(err, "trainer.limit_test_batches=2", "whole test set", "lightning-repair evaluate")
+    assert not run_dir(tmp_path).exists()
 
 
 # ----------------------------------------------------------------------------- errors
