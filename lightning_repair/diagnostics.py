@@ -52,7 +52,7 @@ from torch import nn
 from .layers import PrunableLayer, prunable_layers
 from .operators import Reconstruct, VarianceMatching
 from .reconstruction import LayerStatistics, chunk_statistics, reconstruct_layer
-from .stats import Moments, all_reduce_sum
+from .stats import Moments, count_over_processes
 from .utils import eval_mode
 
 RR_REPAIRS = ("vm", "ls", "asr", "reconstruct")
@@ -284,7 +284,7 @@ def _stream(
         grams = [
             g.all_reduce().check_finite(f"RR profile of {layer.name}") for layer, g in zip(layers, grams, strict=True)
         ]
-    return moments, _global_sum(images, moments[0].count.device), grams if with_grams else None
+    return moments, count_over_processes(images, moments[0].count.device), grams if with_grams else None
 
 
 def _reconstruction_residuals(
@@ -338,10 +338,6 @@ def _channel_sum(a: torch.Tensor) -> torch.Tensor:
 def _channel_square_sum(a: torch.Tensor) -> torch.Tensor:
     """Per channel, the sum of squares: float32 norms per (sample, channel), squared and summed in float64."""
     return torch.linalg.vector_norm(a.reshape(a.shape[0], a.shape[1], -1), dim=2).double().square().sum(0)
-
-
-def _global_sum(value: int, device: torch.device) -> int:
-    return int(all_reduce_sum(torch.tensor(float(value), dtype=torch.float64, device=device)).item())
 
 
 def _damage(

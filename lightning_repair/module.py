@@ -26,6 +26,7 @@ from .models import NetworkSpec, build_network, load_dense, network_config
 from .operators import parse_recipe
 from .pipeline import check_operators_fit, prune_and_repair
 from .records import init_args, plain, run_hparams, run_record
+from .stats import count_over_processes
 from .stores import STORES, Activations
 from .utils import timed
 
@@ -142,7 +143,8 @@ class PruneRepairModule(pl.LightningModule):
 
         self.model.load_state_dict(result.model.state_dict())
         record = run_record(result, acc_dense, hp.sparsity, self.allocation.method, self.recipe, timings,
-                            sum(map(len, calibration)), top5=dm.info.num_classes > 5)  # fmt: skip
+                            count_over_processes(sum(map(len, calibration)), self.device),
+                            top5=dm.info.num_classes > 5)  # fmt: skip
         record["layers"] = [row | at_allocation.get(row["name"], {}) for row in record["layers"]]
         self.results = record | {
             "world_size": world,

@@ -19,6 +19,13 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def count_over_processes(count: int, device: torch.device | str) -> int:
+    """An integer summed over all processes (on ``device``: NCCL reduces only tensors on the GPU)."""
+    if world_size() == 1:
+        return count
+    return int(all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=device)).item())
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over all processes when torch.distributed is initialised (as is otherwise)."""
     if world_size() > 1:

@@ -77,6 +77,7 @@ from .module import PruneRepairModule, Sparsity
 from .operators import Operator, parse_recipe
 from .pipeline import prune_and_repair
 from .records import init_args, run_record, state_digest
+from .stats import count_over_processes
 from .stores import Activations
 from .utils import timed
 
@@ -346,15 +347,6 @@ def _from_rank_zero(value: Any) -> Any:
     return box[0]
 
 
-def _summed(count: int) -> int:
-    """An integer summed over the processes."""
-    if _rank_world()[1] == 1:
-        return count
-    total = torch.tensor([count], dtype=torch.float64)
-    dist.all_reduce(total)
-    return int(total.item())
-
-
 def run_sweep(
     network: NetworkSpec | dict,
     dm: ImageDataModule,
@@ -413,7 +405,7 @@ def run_sweep(
         for seed, by_seed in itertools.groupby(by_checkpoint, key=lambda c: c.seed):
             seed_cells = list(by_seed)
             calibration = with_calibration_seed(dm, seed).calibration_batches(device, rank, world)
-            calibration_samples = _summed(sum(map(len, calibration)))
+            calibration_samples = count_over_processes(sum(map(len, calibration)), device)
             shared = {"calibration_forward": calibration_forward_time(dense, calibration), "rr_profile": 0.0}
             profile = None
             if any(c.allocation_spec.method in PROFILE_METHODS for c in seed_cells):
