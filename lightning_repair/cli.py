@@ -25,6 +25,8 @@ import lightning.pytorch as pl
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS
@@ -103,6 +105,23 @@ class RepairCLI(LightningCLI):
     def before_fit(self) -> None:
         if isinstance(self.model, PruneRepairModule):
             self.noise.hide(PRUNE_REPAIR_RUN)
+            name_runs(self.trainer, self.model.run_name)
+            if not [lg for lg in self.trainer.loggers if not isinstance(lg, DummyLogger)]:
+                # logger: false or fast_dev_run: results and config.yaml in runs/<run name>/, never in the current
+                # directory (Trainer.log_dir is the default root dir without a logger)
+                folder = Path(self.trainer.default_root_dir) / "runs" / self.model.run_name
+                self.trainer.loggers = []
+                self.trainer._default_root_dir = str(folder)
+                self.model.output_dir = folder
+
+
+def name_runs(trainer: pl.Trainer, run_name: str) -> None:
+    """Put each TensorBoard logger's runs under ``<its name>/<run name>/version_N`` (``quickstart/resnet18/lamp-0.95/
+    default/version_0``), so that TensorBoard's run list and HParams table say what each run was. A logger given an
+    explicit version keeps its folder."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and logger._version is None and logger._experiment is None:
+            logger._name = f"{logger._name}/{run_name}" if logger._name else run_name
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> RepairCLI:

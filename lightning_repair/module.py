@@ -12,15 +12,16 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import restricted_number_type
+from lightning.pytorch.loggers.logger import DummyLogger
 from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, format_table
-from .callbacks import DiscardFailedRun
+from .callbacks import DiscardFailedRun, RepairLogger, tensorboard_loggers
 from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
-from .models import NetworkSpec, build_network, load_dense, network_config
+from .models import Network, NetworkSpec, build_network, load_dense, network_config
 from .operators import parse_recipe
 from .pipeline import check_operators_fit, prune_and_repair
 from .records import init_args, plain, run_hparams, run_record
@@ -84,6 +85,8 @@ class PruneRepairModule(pl.LightningModule):
         self.model = build_network(network)
         check_operators_fit(self.model, self.recipe)  # before any data is read
         self.results: dict[str, Any] = {}
+        self.reports_rr_location = False  # set by _write: no TensorBoard logger, the run says where RR went
+        self.output_dir: Path | None = None  # where a run without a logger writes (default: runs/<run name>/)
         self.report = None  # the RepairReport of the last run
         self.profile: RRProfile | None = None  # the dense model's RR profile, when rr_grid asks for one
 
@@ -97,7 +100,19 @@ class PruneRepairModule(pl.LightningModule):
         return None
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [DiscardFailedRun()]  # results are written at the end: a failed run has nothing to show
+        # results are written at the end: a failed run has nothing to show; the RR views in TensorBoard without a
+        # config naming the callback (one the config lists is kept as it is)
+        trainer = self._trainer
+        listed = trainer is not None and any(isinstance(cb, RepairLogger) for cb in trainer.callbacks)
+        return [DiscardFailedRun()] + ([] if listed else [RepairLogger()])
+
+    @property
+    def run_name(self) -> str:
+        """What the run is, as a path: ``<network>/<allocation>-<sparsity>/<repair>`` (``resnet18/lamp-0.95/default``),
+        the TensorBoard run name the CLI gives it and the folder ``runs/<run name>/`` of a run without a logger."""
+        hp = self.hparams
+        repair = hp.repair if isinstance(hp.repair, str) else "+".join(str(op.get("op", "?")) for op in hp.repair)
+        return f"{network_label(self.network)}/{self.allocation.method}-{hp.sparsity:g}/{repair}"
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -173,7 +188,11 @@ class PruneRepairModule(pl.LightningModule):
         metrics |= {f"time/{k}": v for k, v in res["timings_s"].items()}
         metrics["sparsity/achieved"] = res["sparsity"]["achieved"]
         # Trainer.log_dir broadcasts from rank 0: every process must read it, or rank 0 waits forever
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir = self.trainer.log_dir
+        if log_dir is None or not [lg for lg in self.trainer.loggers if not isinstance(lg, DummyLogger)]:
+            # no logger (logger: false) or fast_dev_run's stand-in: never the current directory
+            log_dir = self.output_dir or Path(self.trainer.default_root_dir) / "runs" / self.run_name
+        log_dir = Path(log_dir)
         if not self.trainer.is_global_zero:
             return
         for logger in self.trainer.loggers:
@@ -186,11 +205,43 @@ class PruneRepairModule(pl.LightningModule):
             res["export"] = export(self.model, masks, log_dir)
         atomic_write_json(log_dir / "metrics.json", res)
         acc = res["accuracy"]
+        has_rr = any("rr" in row for row in res["layers"])
+        self.reports_rr_location = has_rr and not tensorboard_loggers(self.trainer)
         print(  # the results, on stdout (logging and progress bars are on stderr)
-            format_table(res["layers"])
+            results_table(res["layers"])
             + f"\n\naccuracy  dense {acc['dense']:.4f}  pruned {acc['pruned']:.4f}  repaired {acc['repaired']:.4f}"
             + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
             + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
+            + ("\nper-layer RR, D_raw and D_res: in metrics.json (no TensorBoard logger for the RR views)"
+               if self.reports_rr_location else "")
             + f"\nwrote {log_dir / 'metrics.json'}"
             + "".join(f", {Path(res['export'][k]).name}" for k in ("state_dict", "sparse") if "export" in res)
         )
+
+
+def results_table(rows: list[dict]) -> str:
+    """The allocation table, with D_raw, D_res and RR at each layer's allocated sparsity when the run measured them
+    (``-``: undefined, the layer has no damage)."""
+    lines = format_table(rows).splitlines()
+    if not any("rr" in row for row in rows):
+        return "\n".join(lines)
+    cell = lambda v: f"{'-':>8}" if v is None else f"{v:>8.4f}"  # noqa: E731
+    head = lines[0] + f" {'D_raw':>8} {'D_res':>8} {'RR':>8}"
+    body = [f"{line} {cell(r.get('d_raw'))} {cell(r.get('d_res'))} {cell(r.get('rr'))}"
+            for line, r in zip(lines[2:-1], rows, strict=True)]  # fmt: skip
+    return "\n".join([head, "-" * len(head), *body, lines[-1]])
+
+
+def network_label(spec) -> str:
+    """A short name of a network spec: the arch of a shortcut, else the class or builder name, lowercased."""
+    if isinstance(spec, Network):
+        return spec.arch
+    if isinstance(spec, dict):
+        if "arch" in spec:
+            return str(spec["arch"])
+        if spec.get("class_path") is not None:
+            name = str(spec["class_path"]).rpartition(".")[2]
+            return (spec.get("init_args") or {}).get("arch", name).lower() if name == "Network" else name.lower()
+    target = getattr(spec, "func", spec)  # functools.partial: jsonargparse's form of a class_path
+    name = getattr(target, "__name__", type(target).__name__)
+    return name.lower() if name != "<lambda>" else "network"
