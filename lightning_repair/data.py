@@ -47,6 +47,17 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def dataset_info(name: str, rgb: bool = False) -> DatasetInfo:
+    """A dataset's shape and normalisation without reading it (``rgb``: a grayscale dataset as 3 equal channels, as
+    ``build_datasets`` gives it); imagefolder's classes are only known from its folders (0 here)."""
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset: unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    info = DATASETS[name]
+    if rgb and info.in_channels == 1:
+        info = DatasetInfo(info.num_classes, 3, info.image_size, info.mean * 3, info.std * 3)
+    return info
+
+
 class TensorImages(Dataset):
     """Labeled images held in memory as uint8 (N, C, H, W). A ``random`` transform (augmentation) runs per
     sample; a deterministic one once per batch (the DataLoader fetches through ``__getitems__``), the same

@@ -21,7 +21,18 @@ from .callbacks import DiscardFailedRun, RepairLogger, tensorboard_loggers
 from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
-from .models import Network, NetworkSpec, build_network, load_dense, network_config
+from .models import (
+    CheckpointMismatchError,
+    Network,
+    NetworkSpec,
+    build_network,
+    check_recorded_network,
+    checkpoint_metadata,
+    load_dense,
+    network_config,
+    recorded_network,
+    resolve_network,
+)
 from .operators import parse_recipe
 from .pipeline import check_operators_fit, prune_and_repair
 from .records import init_args, plain, run_hparams, run_record
@@ -36,8 +47,11 @@ class PruneRepairModule(pl.LightningModule):
 
     Args:
         network: the checkpoint's architecture: a built-in one by name (``{arch: resnet18, ...}``) or any nn.Module
-            by class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {...}}``).
-        checkpoint: dense weights (Lightning checkpoint, state_dict or torchvision layout).
+            by class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {...}}``), a class
+            or a builder function (``torchvision.models.resnet18``). Optional for a checkpoint that records its
+            network (every checkpoint this tool writes); given, it must agree with the recorded one.
+        checkpoint: dense weights (a checkpoint this tool wrote, a Lightning checkpoint, a state_dict or torchvision's
+            layout).
         sparsity: target global sparsity over prunable weights, in [0, 1).
         allocation: a method name (uniform, global, erk, lamp, rr, erk_rr) or a dict with options.
         repair: a preset (``lightning-repair fit --help`` lists them with their operators) or a
@@ -57,8 +71,8 @@ class PruneRepairModule(pl.LightningModule):
 
     def __init__(
         self,
-        network: NetworkSpec,
-        checkpoint: str,
+        network: NetworkSpec | None = None,
+        checkpoint: str = "",
         sparsity: Sparsity = 0.95,
         allocation: str | Allocation = "lamp",
         repair: str | list[dict[str, Any]] = "default",
@@ -81,6 +95,17 @@ class PruneRepairModule(pl.LightningModule):
             raise ValueError(f"model.activations: {activations!r} is not one of {tuple(STORES)}")
         if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
             raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
+        if not checkpoint:
+            raise ValueError("model.checkpoint: the dense weights to prune are required")
+        if network is None:  # the checkpoint says what it is
+            network = resolve_network(None, checkpoint)
+            self.hparams.network = network
+        elif Path(checkpoint).is_file():  # a spec that disagrees with the recorded one: refused before any work
+            try:
+                recorded = recorded_network(checkpoint)
+            except CheckpointMismatchError:
+                recorded = None  # unreadable: reported when the run loads it
+            check_recorded_network(self.hparams.network, recorded, checkpoint)
         self.network = network
         self.model = build_network(network)
         check_operators_fit(self.model, self.recipe)  # before any data is read
@@ -112,7 +137,7 @@ class PruneRepairModule(pl.LightningModule):
         the TensorBoard run name the CLI gives it and the folder ``runs/<run name>/`` of a run without a logger."""
         hp = self.hparams
         repair = hp.repair if isinstance(hp.repair, str) else "+".join(str(op.get("op", "?")) for op in hp.repair)
-        return f"{network_label(self.network)}/{self.allocation.method}-{hp.sparsity:g}/{repair}"
+        return f"{network_label(hp.network)}/{self.allocation.method}-{hp.sparsity:g}/{repair}"
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -126,7 +151,7 @@ class PruneRepairModule(pl.LightningModule):
         bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not show)  # noqa: E731
 
         dm.setup("fit")
-        dense = load_dense(self.network, hp.checkpoint, self.device, dm.hparams.dataset, dm.info)
+        dense = load_dense(hp.network, hp.checkpoint, self.device, dm.hparams.dataset, dm.info)
         calibration = dm.calibration_batches(self.device, rank, world, bar)
         timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
 
@@ -201,8 +226,10 @@ class PruneRepairModule(pl.LightningModule):
                 logger.log_metrics({f"density/{row['name']}": row["density"]}, step=0)
             hparams = run_hparams(res)
             logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
-        if self.hparams.save_model:
-            res["export"] = export(self.model, masks, log_dir)
+        if self.hparams.save_model:  # files that say what they hold: the network and its input normalisation
+            dm = self.trainer.datamodule
+            metadata = checkpoint_metadata(self.hparams.network, dm.info, dm.hparams.dataset)
+            res["export"] = export(self.model, masks, log_dir, metadata=metadata)
         atomic_write_json(log_dir / "metrics.json", res)
         acc = res["accuracy"]
         has_rr = any("rr" in row for row in res["layers"])
