@@ -24,9 +24,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS
@@ -65,7 +66,40 @@ class ConfigError(Exception):
 
 
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """jsonargparse's help, with the epilog's lines kept as written."""
+    """jsonargparse's help, with the description's and epilog's lines kept as written, and a type's list of known
+    subclasses cut short (for ``model.network``, jsonargparse would list every nn.Module in the environment)."""
+
+    KNOWN = ", known subclasses: "
+    SHOWN = 6
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        if self.KNOWN not in text:
+            return text
+        head, tail = text.split(self.KNOWN, 1)
+        names, rest = (tail[:-1], ")") if tail.endswith(")") else (tail, "")
+        names = names.split(", ")
+        if len(names) <= self.SHOWN:
+            return text
+        own = [n for n in names if n in ("lightning_repair.Network", "torch.nn.Module")]
+        shown = own or names[: self.SHOWN]
+        return (f"{head}{self.KNOWN}{', '.join(shown)} and {len(names) - len(shown)} more: any importable class "
+                f"or builder function, e.g. torchvision.models.resnet18 or mymodule.MyNet{rest}")
+
+
+class RepairArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with ``HelpFormatter`` by default, also for the parsers that jsonargparse builds on the
+    fly (``--model.help CLASS``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _cwd_importable() -> None:
+    """Resolve class_path against the working directory, as ``python -m`` does (a console script does not)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 class RepairCLI(LightningCLI):
@@ -76,7 +110,9 @@ class RepairCLI(LightningCLI):
     HIDDEN = ANY_RUN
 
     def __init__(self, *args, **kwargs):
+        _cwd_importable()
         self.noise = FrameworkNoise()
+        kwargs.setdefault("parser_class", RepairArgumentParser)
         with self.noise.hidden(self.HIDDEN):
             super().__init__(*args, **kwargs)
 
@@ -88,6 +124,15 @@ class RepairCLI(LightningCLI):
 
     def init_parser(self, **kwargs):
         return super().init_parser(exit_on_error=False, formatter_class=HelpFormatter, **kwargs)
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """The tool's own groups first in the help (model, data), Lightning's trainer after them."""
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        if self.subclass_mode_data:  # data: {dataset: ...} without a class_path is the built-in ImageDataModule
+            parser.set_defaults({"data": {"class_path": "lightning_repair.ImageDataModule"}})
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def parse_arguments(self, parser, args) -> None:
         check_config_files(sys.argv[1:] if args is None else args)
@@ -106,6 +151,11 @@ class RepairCLI(LightningCLI):
         if isinstance(self.model, PruneRepairModule):
             self.noise.hide(PRUNE_REPAIR_RUN)
             name_runs(self.trainer, self.model.run_name)
+            dm = self.datamodule
+            if dm is not None and not is_overridden("train_dataloader", dm, pl.LightningDataModule):
+                # Lightning's fit insists on a training loader; a prune-and-repair run trains nothing, so a datamodule
+                # of your own needs none (datamodule.CONTRACT)
+                dm.train_dataloader = lambda: []
             if not [lg for lg in self.trainer.loggers if not isinstance(lg, DummyLogger)]:
                 # logger: false or fast_dev_run: results and config.yaml in runs/<run name>/, never in the current
                 # directory (Trainer.log_dir is the default root dir without a logger)
@@ -129,14 +179,15 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> RepairCLI:
     is no subcommand and the returned CLI holds the configured ``trainer``, ``model`` and ``datamodule``."""
     return RepairCLI(
         pl.LightningModule,
-        ImageDataModule,
+        pl.LightningDataModule,  # ImageDataModule unless data names a class_path (datamodule.CONTRACT)
         subclass_mode_model=True,
+        subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "description": "Prune a trained CNN and repair it label-free (fit; or train a dense model), or test "
             "a model it exported (lightning-repair evaluate --help).",
-            "fit": {"epilog": fit_epilog()},
+            "fit": {"usage": FIT_USAGE, "description": fit_epilog()},
         },
         args=args,
         run=run,
@@ -303,6 +354,9 @@ def check_config_files(args: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- help
 
 
+FIT_USAGE = "lightning-repair fit --config CONFIG.yaml [--model.OPTION VALUE] [--data.OPTION VALUE] [--trainer.OPTION VALUE]"
+
+
 def fit_epilog() -> str:
     """The prune-and-repair options and what each repair preset expands to, from the code itself."""
     defaults = {k: p.default for k, p in inspect.signature(PruneRepairModule).parameters.items()}
@@ -319,10 +373,27 @@ def fit_epilog() -> str:
         "  every option:          lightning-repair fit --model.help lightning_repair.PruneRepairModule\n"
         "  dense training:        lightning-repair fit --model.help lightning_repair.DenseClassifier\n"
         "  a model it exported:   lightning-repair evaluate --config RUN.yaml --weights repaired.pt\n"
+        f"\ndata (lightning_repair.ImageDataModule unless data.class_path names a LightningDataModule of your own):\n"
+        f"{_data_options()}\n"
+        "  your own data:         data: {class_path: mymodule.MyData, init_args: {...}}, a LightningDataModule with\n"
+        "                         calibration_dataloader() (image tensors, no labels) and test_dataloader()\n"
+        "                         ((images, labels)); class_path resolves against the working directory too\n"
         f"\nrepair presets (operators in order):\n{presets}\n"
         "\nmethods: docs/methods.md. LIGHTNING_REPAIR_TRACEBACK=1 shows the traceback of an error,\n"
         "LIGHTNING_REPAIR_VERBOSE=1 the framework messages the tool hides."
     )
+
+
+def _data_options() -> str:
+    """One line per ImageDataModule option: name, default and the first line of its docstring entry."""
+    doc = inspect.getdoc(ImageDataModule) or ""
+    described = dict(re.findall(r"^\s{4}(\w+): (.+)$", doc, flags=re.M))
+    lines = []
+    for name, parameter in inspect.signature(ImageDataModule).parameters.items():
+        option = f"--data.{name}"
+        text = described.get(name, "").split(". ")[0].rstrip(".")
+        lines.append(f"  {option:<22} {text} (default {parameter.default})")
+    return "\n".join(lines)
 
 
 def _recipe_text(ops: list[dict]) -> str:

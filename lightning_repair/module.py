@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, format_table
 from .callbacks import DiscardFailedRun, RepairLogger, tensorboard_loggers
 from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
+from .datamodule import data_config, pipeline_data
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
 from .models import (
@@ -30,6 +31,7 @@ from .models import (
     checkpoint_metadata,
     load_dense,
     network_config,
+    output_classes,
     recorded_network,
     resolve_network,
 )
@@ -143,9 +145,7 @@ class PruneRepairModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         trainer, hp = self.trainer, self.hparams
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "calibration_dataloader"):
-            raise TypeError("PruneRepairModule needs an ImageDataModule (data: in the config)")
+        dm = pipeline_data(trainer.datamodule)  # the built-in ImageDataModule, or the user's, checked
         rank, world = trainer.global_rank, trainer.world_size
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not show)  # noqa: E731
@@ -168,13 +168,13 @@ class PruneRepairModule(pl.LightningModule):
 
         self.model.load_state_dict(result.model.state_dict())
         record = run_record(result, acc_dense, hp.sparsity, self.allocation.method, self.recipe, timings,
-                            sum(map(len, calibration)), top5=dm.info.num_classes > 5)  # fmt: skip
+                            sum(map(len, calibration)), top5=output_classes(dense) > 5)  # fmt: skip
         record["layers"] = [row | at_allocation.get(row["name"], {}) for row in record["layers"]]
         self.results = record | {
             "world_size": world,
             "config": plain(init_args(self) | {"network": network_config(hp.network)}),  # rebuildable
-            "data_config": plain(init_args(dm)),
-            "data_location": dm.info.location,
+            "data_config": plain(data_config(dm)),
+            "data_location": dm.info.location if dm.info is not None else None,
         }
         if self.profile is not None:
             self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,
@@ -227,7 +227,7 @@ class PruneRepairModule(pl.LightningModule):
             hparams = run_hparams(res)
             logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
         if self.hparams.save_model:  # files that say what they hold: the network and its input normalisation
-            dm = self.trainer.datamodule
+            dm = pipeline_data(self.trainer.datamodule)
             metadata = checkpoint_metadata(self.hparams.network, dm.info, dm.hparams.dataset)
             res["export"] = export(self.model, masks, log_dir, metadata=metadata)
         atomic_write_json(log_dir / "metrics.json", res)
