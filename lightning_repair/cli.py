@@ -354,7 +354,9 @@ def check_config_files(args: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- help
 
 
-FIT_USAGE = "lightning-repair fit --config CONFIG.yaml [--model.OPTION VALUE] [--data.OPTION VALUE] [--trainer.OPTION VALUE]"
+FIT_USAGE = (
+    "lightning-repair fit --config CONFIG.yaml [--model.OPTION VALUE] [--data.OPTION VALUE] [--trainer.OPTION VALUE]"
+)
 
 
 def fit_epilog() -> str:

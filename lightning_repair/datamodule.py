@@ -237,7 +237,9 @@ def describe(value) -> str:
 def pipeline_data(dm: pl.LightningDataModule | None) -> ImageDataModule | UserDataModule:
     """The datamodule as the pipeline reads it: an ImageDataModule as it is, any other one checked (``CONTRACT``)."""
     if dm is None:
-        raise TypeError(f"PruneRepairModule needs data: the built-in ImageDataModule (data: {{dataset: ...}}) or {CONTRACT}")
+        raise TypeError(
+            f"PruneRepairModule needs data: the built-in ImageDataModule (data: {{dataset: ...}}) or {CONTRACT}"
+        )
     return dm if isinstance(dm, ImageDataModule) else UserDataModule(dm)
 
 

@@ -377,7 +377,9 @@ def check_recorded_input(metadata: Mapping[str, Any] | None, info: DatasetInfo, 
 
 def _close(a, b) -> bool:
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(math.isclose(x, y, abs_tol=1e-6) for x, y in zip(a, b))
+        return isinstance(b, list) and len(a) == len(b) and all(
+            math.isclose(x, y, abs_tol=1e-6) for x, y in zip(a, b, strict=True)
+        )
     return a == b
 
 

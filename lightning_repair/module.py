@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, format_table
 from .callbacks import DiscardFailedRun, RepairLogger, tensorboard_loggers
-from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
 from .datamodule import data_config, pipeline_data
+from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
 from .models import (

@@ -9,16 +9,19 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from test_data import _write_fashion_mnist
+from test_models import README_MOBILENET_YAML
 
 from lightning_repair import PruneRepairModule
 from lightning_repair.callbacks import RepairLogger, heatmap_figure, layers_figure, render, rr_heatmap, stage_of
 from lightning_repair.diagnostics import DEFAULT_GRID
 from lightning_repair.layers import prunable_layers
-from lightning_repair.models import Network
+from lightning_repair.models import Network, build_network
 
 from helpers import TINY_NETWORK, pipeline_config, read_metrics, run_dir, run_fit, save_dense_checkpoint, write_config
 
@@ -332,3 +335,26 @@ def test_stages():
         "conv1", "layer1", "layer1", "layer2", "fc"]  # fmt: skip
     names = [f"features.{i}.conv.0" for i in range(6)] + ["features.0.x", "classifier.1"]
     assert stage_of(names) == [f"features.{i}" for i in range(6)] + ["features.0", "classifier"]
+
+
+def test_readme_bring_your_own_model_yaml_as_written_leaves_the_rr_views(tmp_path, monkeypatch):
+    """The README's MobileNetV2 YAML (no trainer section, no callback named), run as written in a folder holding the
+    user's checkpoint and a small Fashion-MNIST under data/: the event file holds rr/* and the per-layer figure."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    _write_fashion_mnist(tmp_path / "data", n_train=1030, n_test=40)
+    torch.manual_seed(0)
+    spec = yaml.safe_load(README_MOBILENET_YAML)["model"]["init_args"]["network"]
+    torch.save(build_network(spec).state_dict(), tmp_path / "mobilenet_v2.pt")
+    (tmp_path / "byom.yaml").write_text(README_MOBILENET_YAML)
+    run_fit(tmp_path / "byom.yaml")
+    (run,) = [p.parent for p in (tmp_path / "lightning_logs").rglob("metrics.json")]
+    assert run.relative_to(tmp_path).as_posix() == "lightning_logs/mobilenetv2/lamp-0.95/default/version_0"
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {"rr/layers", "rr/heatmap"} <= set(events.Tags()["images"])
+    rr_tags = [t for t in events.Tags()["scalars"] if t.startswith("rr/")]
+    layers = json.loads((run / "metrics.json").read_text())["layers"]
+    assert len(rr_tags) == len(layers) == 53 and "rr/features.0.0" in rr_tags
+    (image,) = events.Images("rr/layers")
+    assert image.height > 20 * len(layers)

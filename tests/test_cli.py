@@ -16,7 +16,6 @@ import torchvision
 from torch.optim.swa_utils import update_bn
 
 import lightning_repair
-
 from lightning_repair.allocation import ALLOCATIONS
 from lightning_repair.cli import ANY_RUN, PRUNE_REPAIR_RUN, main
 from lightning_repair.datamodule import ImageDataModule
@@ -348,7 +347,8 @@ def test_a_builder_function_by_class_path(tmp_path):
     with pytest.warns(UserWarning, match="RR profile from only"):
         run_fit(write_config(tmp_path / "config.yaml", config))
     (metrics_path,) = (tmp_path / "logs").rglob("metrics.json")
-    assert metrics_path.parent.relative_to(tmp_path / "logs").as_posix() == "resnet18/erk-0.9/bn_recalibration/version_0"
+    run_name = metrics_path.parent.relative_to(tmp_path / "logs").as_posix()
+    assert run_name == "resnet18/erk-0.9/bn_recalibration/version_0"
     metrics = json.loads(metrics_path.read_text())
     assert metrics["config"]["network"]["class_path"] == "torchvision.models.resnet18"
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)

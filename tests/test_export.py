@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lightning_repair import export as export_module
+from lightning_repair.data import DATASETS
 from lightning_repair.export import (
     atomic_torch_save,
     atomic_write_json,
@@ -22,7 +23,6 @@ from lightning_repair.export import (
     sparse_state,
     unpack_mask,
 )
-from lightning_repair.data import DATASETS
 from lightning_repair.models import (
     METADATA_KEY,
     CheckpointMismatchError,
