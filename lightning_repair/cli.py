@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from .allocation import ALLOCATIONS
 from .datamodule import ImageDataModule
 from .evaluation import evaluate
-from .export import load_exported, unpickling_reason
-from .models import configure_parsing, load_weights
+from .export import load_exported, read_metadata, unpickling_reason
+from .models import check_recorded_network, configure_parsing, load_weights
 from .module import PruneRepairModule
 from .operators import PRESETS
 
@@ -213,6 +213,8 @@ def evaluate_exported(args: list[str]) -> None:
         parser_kwargs={"prog": "lightning-repair evaluate",
                        "description": "Test accuracy of an exported model, on the data of a run config."},
     )  # fmt: skip
+    metadata = read_metadata(cli.config.weights) or {}  # a file that records its network: it must be the config's
+    check_recorded_network(cli.model.hparams.network, metadata.get("network"), cli.config.weights)
     model = load_weights(cli.model.model, load_exported(cli.config.weights))  # the config's architecture, strictly
     dm = cli.datamodule
     dm.setup("test")
