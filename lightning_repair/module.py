@@ -23,16 +23,13 @@ from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_pro
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_json, export
 from .models import (
-    CheckpointMismatchError,
     Network,
     NetworkSpec,
     build_network,
-    check_recorded_network,
     checkpoint_metadata,
     load_dense,
     network_config,
     output_classes,
-    recorded_network,
     resolve_network,
 )
 from .operators import parse_recipe
@@ -102,12 +99,7 @@ class PruneRepairModule(pl.LightningModule):
         if network is None:  # the checkpoint says what it is
             network = resolve_network(None, checkpoint)
             self.hparams.network = network
-        elif Path(checkpoint).is_file():  # a spec that disagrees with the recorded one: refused before any work
-            try:
-                recorded = recorded_network(checkpoint)
-            except CheckpointMismatchError:
-                recorded = None  # unreadable: reported when the run loads it
-            check_recorded_network(self.hparams.network, recorded, checkpoint)
+        # a given spec that disagrees with the one the checkpoint records is refused when the run loads it (load_dense)
         self.network = network
         self.model = build_network(network)
         check_operators_fit(self.model, self.recipe)  # before any data is read

@@ -312,7 +312,7 @@ def test_readme_mobilenet_yaml_with_the_shipped_checkpoint_is_refused_naming_bot
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(config)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and len(err) == 1, err
+    assert info.value.code == 1 and len(err) == 1, err
     assert "model.network" in err[0] and "differs from the network" in err[0]
     given, recorded = err[0].split("differs from the network")
     assert "inverted_residual_setting" not in given and "inverted_residual_setting" in recorded
