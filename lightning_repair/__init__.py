@@ -36,6 +36,7 @@ _EXPORTS = {
     "load_weights": "models",
     "load_dense": "models",
     "export": "export",
+    "load": "export",
     "PruneRepairModule": "module",
     "ImageDataModule": "datamodule",
     "DenseClassifier": "dense",
@@ -56,6 +57,7 @@ __all__ = [
     "build_network",
     "evaluate",
     "export",
+    "load",
     "load_dense",
     "load_weights",
     "prune_and_repair",
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
     from .dense import DenseClassifier
     from .diagnostics import rr_profile
     from .evaluation import evaluate
-    from .export import export
+    from .export import export, load
     from .models import Network, build_network, load_dense, load_weights
     from .module import PruneRepairModule
     from .operators import OPERATORS, PRESETS, Operator

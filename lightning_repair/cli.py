@@ -29,16 +29,19 @@ from pathlib import Path
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS
 from .datamodule import ImageDataModule
 from .evaluation import evaluate
-from .export import atomic_write_json, load_exported, unpickling_reason
+from .export import atomic_write_json, load_exported, read_metadata, unpickling_reason
 from .launch import limited_test_size, on_every_process
-from .models import configure_parsing, load_weights
+from .models import check_recorded_network, configure_parsing, load_weights
 from .module import PruneRepairModule
 from .operators import PRESETS
 from .records import init_args, plain, state_digest
@@ -74,7 +77,40 @@ class ConfigError(Exception):
 
 
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """jsonargparse's help, with the epilog's lines kept as written."""
+    """jsonargparse's help, with the description's and epilog's lines kept as written, and a type's list of known
+    subclasses cut short (for ``model.network``, jsonargparse would list every nn.Module in the environment)."""
+
+    KNOWN = ", known subclasses: "
+    SHOWN = 6
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        if self.KNOWN not in text:
+            return text
+        head, tail = text.split(self.KNOWN, 1)
+        names, rest = (tail[:-1], ")") if tail.endswith(")") else (tail, "")
+        names = names.split(", ")
+        if len(names) <= self.SHOWN:
+            return text
+        own = [n for n in names if n in ("lightning_repair.Network", "torch.nn.Module")]
+        shown = own or names[: self.SHOWN]
+        return (f"{head}{self.KNOWN}{', '.join(shown)} and {len(names) - len(shown)} more: any importable class "
+                f"or builder function, e.g. torchvision.models.resnet18 or mymodule.MyNet{rest}")
+
+
+class RepairArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with ``HelpFormatter`` by default, also for the parsers that jsonargparse builds on the
+    fly (``--model.help CLASS``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _cwd_importable() -> None:
+    """Resolve class_path against the working directory, as ``python -m`` does (a console script does not)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 class RepairCLI(LightningCLI):
@@ -85,7 +121,9 @@ class RepairCLI(LightningCLI):
     HIDDEN = ANY_RUN
 
     def __init__(self, *args, **kwargs):
+        _cwd_importable()
         self.noise = FrameworkNoise()
+        kwargs.setdefault("parser_class", RepairArgumentParser)
         with self.noise.hidden(self.HIDDEN):
             super().__init__(*args, **kwargs)
 
@@ -97,6 +135,15 @@ class RepairCLI(LightningCLI):
 
     def init_parser(self, **kwargs):
         return super().init_parser(exit_on_error=False, formatter_class=HelpFormatter, **kwargs)
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """The tool's own groups first in the help (model, data), Lightning's trainer after them."""
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        if self.subclass_mode_data:  # data: {dataset: ...} without a class_path is the built-in ImageDataModule
+            parser.set_defaults({"data": {"class_path": "lightning_repair.ImageDataModule"}})
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def parse_arguments(self, parser, args) -> None:
         check_config_files(sys.argv[1:] if args is None else args)
@@ -119,6 +166,19 @@ class RepairCLI(LightningCLI):
                 "nothing was saved (a prune-and-repair run writes its results when it finishes); "
                 "run the same command again to start over"
             )
+            name_runs(self.trainer, self.model.run_name)
+            dm = self.datamodule
+            if dm is not None and not is_overridden("train_dataloader", dm, pl.LightningDataModule):
+                # Lightning's fit insists on a training loader; a prune-and-repair run trains nothing, so a datamodule
+                # of your own needs none (datamodule.CONTRACT)
+                dm.train_dataloader = lambda: []
+            if not [lg for lg in self.trainer.loggers if not isinstance(lg, DummyLogger)]:
+                # logger: false or fast_dev_run: results and config.yaml in runs/<run name>/, never in the current
+                # directory (Trainer.log_dir is the default root dir without a logger)
+                folder = Path(self.trainer.default_root_dir) / "runs" / self.model.run_name
+                self.trainer.loggers = []
+                self.trainer._default_root_dir = str(folder)
+                self.model.output_dir = folder
         else:
             interrupts.set_note(self._training_note)
 
@@ -141,19 +201,29 @@ def check_full_test_set(trainer: pl.Trainer, runs: str) -> None:
         )
 
 
+def name_runs(trainer: pl.Trainer, run_name: str) -> None:
+    """Put each TensorBoard logger's runs under ``<its name>/<run name>/version_N`` (``quickstart/resnet18/lamp-0.95/
+    default/version_0``), so that TensorBoard's run list and HParams table say what each run was. A logger given an
+    explicit version keeps its folder."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and logger._version is None and logger._experiment is None:
+            logger._name = f"{logger._name}/{run_name}" if logger._name else run_name
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> RepairCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` there
     is no subcommand and the returned CLI holds the configured ``trainer``, ``model`` and ``datamodule``."""
     return RepairCLI(
         pl.LightningModule,
-        ImageDataModule,
+        pl.LightningDataModule,  # ImageDataModule unless data names a class_path (datamodule.CONTRACT)
         subclass_mode_model=True,
+        subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "description": "Prune a trained CNN and repair it label-free (fit; or train a dense model), or test "
             "a model it exported (lightning-repair evaluate --help).",
-            "fit": {"epilog": fit_epilog()},
+            "fit": {"usage": FIT_USAGE, "description": fit_epilog()},
         },
         args=args,
         run=run,
@@ -196,6 +266,8 @@ def evaluate_exported(args: list[str]) -> None:
                                       "--trainer.limit_test_batches N evaluates the first N batches only."},
     )  # fmt: skip
     trainer, dm, weights = cli.trainer, cli.datamodule, cli.config.weights
+    metadata = read_metadata(weights) or {}  # a file that records its network: it must be the config's
+    check_recorded_network(cli.model.hparams.network, metadata.get("network"), weights)
     model = load_weights(cli.model.model, load_exported(weights))  # the config's architecture, strictly
     dm.setup("test")
     total = len(dm.test_set)
@@ -389,6 +461,11 @@ def check_config_files(args: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- help
 
 
+FIT_USAGE = (
+    "lightning-repair fit --config CONFIG.yaml [--model.OPTION VALUE] [--data.OPTION VALUE] [--trainer.OPTION VALUE]"
+)
+
+
 def fit_epilog() -> str:
     """The prune-and-repair options and what each repair preset expands to, from the code itself."""
     defaults = {k: p.default for k, p in inspect.signature(PruneRepairModule).parameters.items()}
@@ -405,10 +482,27 @@ def fit_epilog() -> str:
         "  every option:          lightning-repair fit --model.help lightning_repair.PruneRepairModule\n"
         "  dense training:        lightning-repair fit --model.help lightning_repair.DenseClassifier\n"
         "  a model it exported:   lightning-repair evaluate --config RUN.yaml --weights repaired.pt\n"
+        f"\ndata (lightning_repair.ImageDataModule unless data.class_path names a LightningDataModule of your own):\n"
+        f"{_data_options()}\n"
+        "  your own data:         data: {class_path: mymodule.MyData, init_args: {...}}, a LightningDataModule with\n"
+        "                         calibration_dataloader() (image tensors, no labels) and test_dataloader()\n"
+        "                         ((images, labels)); class_path resolves against the working directory too\n"
         f"\nrepair presets (operators in order):\n{presets}\n"
         "\nmethods: docs/methods.md. LIGHTNING_REPAIR_TRACEBACK=1 shows the traceback of an error,\n"
         "LIGHTNING_REPAIR_VERBOSE=1 the framework messages the tool hides."
     )
+
+
+def _data_options() -> str:
+    """One line per ImageDataModule option: name, default and the first line of its docstring entry."""
+    doc = inspect.getdoc(ImageDataModule) or ""
+    described = dict(re.findall(r"^\s{4}(\w+): (.+)$", doc, flags=re.M))
+    lines = []
+    for name, parameter in inspect.signature(ImageDataModule).parameters.items():
+        option = f"--data.{name}"
+        text = described.get(name, "").split(". ")[0].rstrip(".")
+        lines.append(f"  {option:<22} {text} (default {parameter.default})")
+    return "\n".join(lines)
 
 
 def _recipe_text(ops: list[dict]) -> str:

@@ -12,17 +12,28 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import restricted_number_type
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, format_table
 from .cache import DigestCache, batches_digest, dense_accuracy_key, model_digest, profile_codec
-from .callbacks import DiscardFailedRun
+from .callbacks import DiscardFailedRun, RepairLogger, tensorboard_loggers
+from .datamodule import data_config, pipeline_data
 from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate, evaluation_precision
 from .export import atomic_write_json, export
-from .models import NetworkSpec, build_network, load_dense, network_config
+from .models import (
+    Network,
+    NetworkSpec,
+    build_network,
+    checkpoint_metadata,
+    load_dense,
+    network_config,
+    output_classes,
+    resolve_network,
+)
 from .operators import parse_recipe
 from .pipeline import check_operators_fit, prune_and_repair
 from .records import init_args, plain, run_hparams, run_record
@@ -38,8 +49,11 @@ class PruneRepairModule(pl.LightningModule):
 
     Args:
         network: the checkpoint's architecture: a built-in one by name (``{arch: resnet18, ...}``) or any nn.Module
-            by class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {...}}``).
-        checkpoint: dense weights (Lightning checkpoint, state_dict or torchvision layout).
+            by class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {...}}``), a class
+            or a builder function (``torchvision.models.resnet18``). Optional for a checkpoint that records its
+            network (every checkpoint this tool writes); given, it must agree with the recorded one.
+        checkpoint: dense weights (a checkpoint this tool wrote, a Lightning checkpoint, a state_dict or torchvision's
+            layout).
         sparsity: target global sparsity over prunable weights, in [0, 1).
         allocation: a method name (uniform, global, erk, lamp, rr, erk_rr) or a dict with options.
         repair: a preset (``lightning-repair fit --help`` lists them with their operators) or a
@@ -63,8 +77,8 @@ class PruneRepairModule(pl.LightningModule):
 
     def __init__(
         self,
-        network: NetworkSpec,
-        checkpoint: str,
+        network: NetworkSpec | None = None,
+        checkpoint: str = "",
         sparsity: Sparsity = 0.95,
         allocation: str | Allocation = "lamp",
         repair: str | list[dict[str, Any]] = "default",
@@ -88,10 +102,18 @@ class PruneRepairModule(pl.LightningModule):
             raise ValueError(f"model.activations: {activations!r} is not one of {tuple(STORES)}")
         if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
             raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
+        if not checkpoint:
+            raise ValueError("model.checkpoint: the dense weights to prune are required")
+        if network is None:  # the checkpoint says what it is
+            network = resolve_network(None, checkpoint)
+            self.hparams.network = network
+        # a given spec that disagrees with the one the checkpoint records is refused when the run loads it (load_dense)
         self.network = network
         self.model = build_network(network)
         check_operators_fit(self.model, self.recipe)  # before any data is read
         self.results: dict[str, Any] = {}
+        self.reports_rr_location = False  # set by _write: no TensorBoard logger, the run says where RR went
+        self.output_dir: Path | None = None  # where a run without a logger writes (default: runs/<run name>/)
         self.report = None  # the RepairReport of the last run
         self.profile: RRProfile | None = None  # the dense model's RR profile, when rr_grid asks for one
 
@@ -105,21 +127,31 @@ class PruneRepairModule(pl.LightningModule):
         return None
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [DiscardFailedRun()]  # results are written at the end: a failed run has nothing to show
+        # results are written at the end: a failed run has nothing to show; the RR views in TensorBoard without a
+        # config naming the callback (one the config lists is kept as it is)
+        trainer = self._trainer
+        listed = trainer is not None and any(isinstance(cb, RepairLogger) for cb in trainer.callbacks)
+        return [DiscardFailedRun()] + ([] if listed else [RepairLogger()])
+
+    @property
+    def run_name(self) -> str:
+        """What the run is, as a path: ``<network>/<allocation>-<sparsity>/<repair>`` (``resnet18/lamp-0.95/default``),
+        the TensorBoard run name the CLI gives it and the folder ``runs/<run name>/`` of a run without a logger."""
+        hp = self.hparams
+        repair = hp.repair if isinstance(hp.repair, str) else "+".join(str(op.get("op", "?")) for op in hp.repair)
+        return f"{network_label(hp.network)}/{self.allocation.method}-{hp.sparsity:g}/{repair}"
 
     # ------------------------------------------------------------------ the pipeline
 
     def on_fit_start(self) -> None:
         trainer, hp = self.trainer, self.hparams
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "calibration_dataloader"):
-            raise TypeError("PruneRepairModule needs an ImageDataModule (data: in the config)")
+        dm = pipeline_data(trainer.datamodule)  # the built-in ImageDataModule, or the user's, checked
         rank, world = trainer.global_rank, trainer.world_size
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not show)  # noqa: E731
 
         dm.setup("fit")
-        dense = load_dense(self.network, hp.checkpoint, self.device, dm.hparams.dataset, dm.info)
+        dense = load_dense(hp.network, hp.checkpoint, self.device, dm.hparams.dataset, dm.info)
         calibration = dm.calibration_batches(self.device, rank, world, bar)
         timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
 
@@ -131,10 +163,13 @@ class PruneRepairModule(pl.LightningModule):
         self.cache = DigestCache(self._cache_dir(), log=rank_zero_info)
         self._digests = {"model": model_digest(dense), "network": network_config(hp.network)}
         with timed(timings, "evaluation"):
-            acc_dense, self.dense_cached = self.cache.get_or_compute(
-                "dense_accuracy", dense_accuracy_key(self._digests, dm, precision),
-                lambda: test(dense, "evaluate dense"), "the dense accuracy",
-            )  # fmt: skip
+            if dm.info is None:  # a datamodule of the user's: no identity of its test set to key a cache by
+                acc_dense, self.dense_cached = test(dense, "evaluate dense"), False
+            else:
+                acc_dense, self.dense_cached = self.cache.get_or_compute(
+                    "dense_accuracy", dense_accuracy_key(self._digests, dm, precision),
+                    lambda: test(dense, "evaluate dense"), "the dense accuracy",
+                )  # fmt: skip
         keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
         result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
                                   activations=hp.activations)  # fmt: skip
@@ -144,13 +179,13 @@ class PruneRepairModule(pl.LightningModule):
         self.model.load_state_dict(result.model.state_dict())
         record = run_record(result, acc_dense, hp.sparsity, self.allocation.method, self.recipe, timings,
                             count_over_processes(sum(map(len, calibration)), self.device),
-                            top5=dm.info.num_classes > 5)  # fmt: skip
+                            top5=output_classes(dense) > 5)  # fmt: skip
         record["layers"] = [row | at_allocation.get(row["name"], {}) for row in record["layers"]]
         self.results = record | {
             "world_size": world,
             "config": plain(init_args(self) | {"network": network_config(hp.network)}),  # rebuildable
-            "data_config": plain(init_args(dm)),
-            "data_location": dm.info.location,
+            "data_config": plain(data_config(dm)),
+            "data_location": dm.info.location if dm.info is not None else None,
             "evaluation_precision": precision,  # the repair's statistics are always float32/float64
             "cached": {"dense_accuracy": self.dense_cached, "rr_profile": self.profile_cached},
         }
@@ -215,7 +250,11 @@ class PruneRepairModule(pl.LightningModule):
         metrics |= {f"time/{k}": v for k, v in res["timings_s"].items()}
         metrics["sparsity/achieved"] = res["sparsity"]["achieved"]
         # Trainer.log_dir broadcasts from rank 0: every process must read it, or rank 0 waits forever
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir = self.trainer.log_dir
+        if log_dir is None or not [lg for lg in self.trainer.loggers if not isinstance(lg, DummyLogger)]:
+            # no logger (logger: false) or fast_dev_run's stand-in: never the current directory
+            log_dir = self.output_dir or Path(self.trainer.default_root_dir) / "runs" / self.run_name
+        log_dir = Path(log_dir)
         if not self.trainer.is_global_zero:
             return
         for logger in self.trainer.loggers:
@@ -224,15 +263,49 @@ class PruneRepairModule(pl.LightningModule):
                 logger.log_metrics({f"density/{row['name']}": row["density"]}, step=0)
             hparams = run_hparams(res)
             logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
-        if self.hparams.save_model:
-            res["export"] = export(self.model, masks, log_dir)
+        if self.hparams.save_model:  # files that say what they hold: the network and its input normalisation
+            dm = pipeline_data(self.trainer.datamodule)
+            metadata = checkpoint_metadata(self.hparams.network, dm.info, dm.hparams.dataset)
+            res["export"] = export(self.model, masks, log_dir, metadata=metadata)
         atomic_write_json(log_dir / "metrics.json", res)
         acc = res["accuracy"]
+        has_rr = any("rr" in row for row in res["layers"])
+        self.reports_rr_location = has_rr and not tensorboard_loggers(self.trainer)
         print(  # the results, on stdout (logging and progress bars are on stderr)
-            format_table(res["layers"])
+            results_table(res["layers"])
             + f"\n\naccuracy  dense {acc['dense']:.4f}  pruned {acc['pruned']:.4f}  repaired {acc['repaired']:.4f}"
             + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
             + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
+            + ("\nper-layer RR, D_raw and D_res: in metrics.json (no TensorBoard logger for the RR views)"
+               if self.reports_rr_location else "")
             + f"\nwrote {log_dir / 'metrics.json'}"
             + "".join(f", {Path(res['export'][k]).name}" for k in ("state_dict", "sparse") if "export" in res)
         )
+
+
+def results_table(rows: list[dict]) -> str:
+    """The allocation table, with D_raw, D_res and RR at each layer's allocated sparsity when the run measured them
+    (``-``: undefined, the layer has no damage)."""
+    lines = format_table(rows).splitlines()
+    if not any("rr" in row for row in rows):
+        return "\n".join(lines)
+    cell = lambda v: f"{'-':>8}" if v is None else f"{v:>8.4f}"  # noqa: E731
+    head = lines[0] + f" {'D_raw':>8} {'D_res':>8} {'RR':>8}"
+    body = [f"{line} {cell(r.get('d_raw'))} {cell(r.get('d_res'))} {cell(r.get('rr'))}"
+            for line, r in zip(lines[2:-1], rows, strict=True)]  # fmt: skip
+    return "\n".join([head, "-" * len(head), *body, lines[-1]])
+
+
+def network_label(spec) -> str:
+    """A short name of a network spec: the arch of a shortcut, else the class or builder name, lowercased."""
+    if isinstance(spec, Network):
+        return spec.arch
+    if isinstance(spec, dict):
+        if "arch" in spec:
+            return str(spec["arch"])
+        if spec.get("class_path") is not None:
+            name = str(spec["class_path"]).rpartition(".")[2]
+            return (spec.get("init_args") or {}).get("arch", name).lower() if name == "Network" else name.lower()
+    target = getattr(spec, "func", spec)  # functools.partial: jsonargparse's form of a class_path
+    name = getattr(target, "__name__", type(target).__name__)
+    return name.lower() if name != "<lambda>" else "network"

@@ -60,6 +60,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm.auto import tqdm
 
 from . import interrupts
@@ -562,7 +563,34 @@ def report(rows: list[dict], output: Path) -> str:
     with SummaryWriter(str(output / "tensorboard")) as writer:
         writer.add_image("sweep/accuracy_vs_sparsity", image[..., :3], global_step=len(rows), dataformats="HWC")
         writer.add_text("sweep/summary", "```\n" + table + "\n```", global_step=len(rows))
+    log_cells(rows, output / "tensorboard" / "cells")
     return table
+
+
+CELL_METRICS = ("acc_dense", "acc_pruned", "acc_repaired", "top5_repaired", "achieved_sparsity", "time_repair")
+
+
+def cell_run_name(row: dict) -> str:
+    """A cell's TensorBoard run: ``<checkpoint file>/<allocation>-<sparsity>/<repair>/seed<seed>``."""
+    repair = re.sub(r"[^\w.+-]+", "_", row["repair"]).strip("_")
+    return f"{Path(row['checkpoint']).stem}/{row['allocation']}-{row['sparsity']:g}/{repair}/seed{row['seed']}"
+
+
+def log_cells(rows: list[dict], folder: Path) -> None:
+    """One TensorBoard run per cell under ``folder``, holding its hparams (checkpoint, allocation, sparsity, repair,
+    seed) and metrics (``CELL_METRICS``, as ``hp/<metric>`` scalars): TensorBoard's HParams view filters and
+    compares the cells. A cell's run is rewritten on every report, so a resumed sweep leaves one record per cell."""
+    for row in rows:
+        run = folder / cell_run_name(row)
+        for old in run.glob("events.out.tfevents.*") if run.is_dir() else ():
+            old.unlink()
+        hparams = {k: row[k] for k in ("checkpoint", "allocation", "sparsity", "repair", "seed")}
+        metrics = {f"hp/{m}": row[m] for m in CELL_METRICS}
+        with SummaryWriter(str(run)) as writer:  # one events file per cell (add_hparams would open a second one)
+            for summary in hparams_summaries(hparams, metrics):
+                writer._get_file_writer().add_summary(summary)
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, 0)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -144,7 +144,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         results[name] = {
             "root": root,
             "metrics": read_metrics(root),
-            "state": torch.load(run_dir(root) / "repaired.pt", weights_only=True),
+            "state": torch.load(run_dir(root) / "repaired.pt", weights_only=True)["state_dict"],
         }
     results["dense"] = torch.load(checkpoint, weights_only=True)
     return results

@@ -111,7 +111,7 @@ def test_accuracies_equal_a_plain_count_over_the_test_set(finished):
 
 def test_saved_model_is_plain_masked_and_loads_with_weights_only(finished):
     folder = run_dir(finished.root)
-    state = torch.load(folder / "repaired.pt", map_location="cpu", weights_only=True)
+    state = torch.load(folder / "repaired.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert not any("weight_orig" in key or "weight_mask" in key for key in state)
     model = load_weights(Network(**TINY_NETWORK).build(), folder / "repaired.pt")  # strict: every key fits
 
