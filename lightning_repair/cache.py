@@ -34,6 +34,7 @@ from torch import nn
 
 from . import __version__
 from .records import state_digest
+from .stats import rank, world_size
 
 CACHE_FORMAT = 1
 
@@ -45,14 +46,6 @@ def _same(value: Any) -> Any:
 def _plain_key(key: Mapping) -> dict:
     """The key as it reads back from a file (tuples as lists, other values as strings)."""
     return json.loads(json.dumps(key, sort_keys=True, default=str))
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
 
 
 def dense_accuracy_key(digests: Mapping, dm, precision: str) -> dict:
@@ -85,7 +78,7 @@ def batches_digest(batches: Iterable[torch.Tensor]) -> str:
         for image in t:
             header = f"{image.dtype}:{tuple(image.shape)};".encode()
             images.append(hashlib.sha256(header + image.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
-    if _distributed():
+    if world_size() > 1:
         shards: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(shards, images)
         images = [d for shard in shards for d in shard]  # rank order: the shards are contiguous
@@ -124,14 +117,14 @@ class DigestCache:
         if self.directory is None:
             return None
         key = _plain_key(key)
-        value = self._broadcast(self._read(kind, key, decode) if _rank() == 0 else None)
+        value = self._broadcast(self._read(kind, key, decode) if rank() == 0 else None)
         if value is not None:
             self.log(f"reusing {what} from {self.path(kind, key)}: same {', '.join(key)}")
         return value
 
     def put(self, kind: str, key: Mapping, value: Any, encode: Callable[[Any], Any] = _same) -> None:
         """Store ``value`` (made plain by ``encode``: tensors, numbers, strings, lists, dicts); rank 0 writes."""
-        if self.directory is not None and _rank() == 0:
+        if self.directory is not None and rank() == 0:
             self._write(kind, _plain_key(key), encode(value))
 
     def get_or_compute(
@@ -178,7 +171,7 @@ class DigestCache:
 
     @staticmethod
     def _broadcast(value: Any) -> Any:
-        if not _distributed():
+        if not world_size() > 1:
             return value
         box = [value]
         dist.broadcast_object_list(box, src=0)

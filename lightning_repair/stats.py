@@ -19,6 +19,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in torch.distributed's default group; 0 when it is not initialised."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def count_over_processes(count: int, device: torch.device | str) -> int:
     """An integer summed over all processes (on ``device``: NCCL reduces only tensors on the GPU)."""
     if world_size() == 1:

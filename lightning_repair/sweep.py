@@ -78,7 +78,8 @@ from .module import PruneRepairModule, Sparsity
 from .operators import Operator, parse_recipe
 from .pipeline import prune_and_repair
 from .records import init_args, run_record, state_digest
-from .stats import count_over_processes
+from .stats import count_over_processes, world_size
+from .stats import rank as process_rank
 from .stores import Activations
 from .utils import timed
 
@@ -333,15 +334,9 @@ class Results:
         return f"{done} of {len(self.order)} cells are saved in {self.path}; {then}"
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _from_rank_zero(value: Any) -> Any:
     """Rank 0's ``value`` on every process (itself without a process group)."""
-    if _rank_world()[1] == 1:
+    if world_size() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -368,7 +363,7 @@ def run_sweep(
     calibration and test sets, every statistic and count summed across processes as in ``lightning-repair fit``, and
     process 0 alone reads and writes ``output``.
     """
-    rank, world = _rank_world()
+    rank, world = process_rank(), world_size()
     results = Results(output, cells)
     state: dict[str, Any] = {}
     if rank == 0:
