@@ -132,8 +132,9 @@ def test_sparsegpt_loss_is_the_error_of_its_weights_and_counts_are_exact(block):
 
 def test_sparsegpt_is_within_stated_factors_of_exact_obs():
     """On generated layers (a Linear, a 2-group conv, a depthwise conv) at 50/80/95% sparsity, sparsegpt's error is
-    at most 1.5x exact_obs's after the masked least-squares re-solve (as reconstruction uses the mask), and at
-    most 2x with SparseGPT's own OBS-updated weights. Magnitude's mask, re-solved, is worse than exact_obs's (on these
+    at most 1.4x exact_obs's after the masked least-squares re-solve (as reconstruction uses the mask), and at
+    most 1.6x with SparseGPT's own OBS-updated weights (depthwise, one row of 9 per group: 1.6x and 1.8x; measured
+    maxima 1.33/1.50 and 1.55/1.71). Magnitude's mask, re-solved, is worse than exact_obs's (on these
     iid weights sparsegpt's re-solved masks are within a few % of magnitude's, either way: not asserted)."""
     for seed, shape in enumerate([(1, 16, 40), (2, 8, 36), (4, 1, 9)] * 2):
         w0, gram = problem(10 + seed, *shape)
@@ -143,8 +144,9 @@ def test_sparsegpt_is_within_stated_factors_of_exact_obs():
             exact = float(exact_obs(w0, gram, removed)[1])
             ours = float(error(w0, gram, resolved(w0, gram, keep)))
             ratio_resolved = ours / exact
-            assert 1 - 1e-9 <= ratio_resolved <= 1.5, (shape, density)
-            assert ratio_resolved <= float(loss) / exact <= 2.0, (shape, density)
+            resolved_factor, updated_factor = (1.4, 1.6) if shape[1] > 1 else (1.6, 1.8)
+            assert 1 - 1e-9 <= ratio_resolved <= resolved_factor, (shape, density)
+            assert ratio_resolved <= float(loss) / exact <= updated_factor, (shape, density)
             kept = w0.numel() - removed
             magnitude = (w0.abs().flatten() >= w0.abs().flatten().sort(descending=True).values[kept - 1]).view_as(w0)
             if shape[1] > 1:  # a depthwise row of 9 weights leaves little to choose
