@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repair_cost.py [--archs resnet18 resnet50] [--images 256]
         [--width 0.25] [--image-size 28] [--in-channels 1] [--sparsity 0.95] [--repeats 2] [--device cpu]
-        [--out benchmarks/results/repair_cost.md]
+        [--out benchmarks/results/repair_cost.md] [--mask sparsegpt exact_obs] [--mask-gram dense]
 
 In one run, on one LAMP-pruned model and the same calibration batches, repeated ``--repeats`` times with every
 measurement alternating with the others (best of the repeats kept, so a burst of load on a shared machine hits
@@ -16,7 +16,8 @@ all of them alike):
 
 Random weights with data-driven BN statistics: cost does not depend on what the network learned. With --cpu-time
 every duration is the process's CPU time instead of wall time (with OMP_NUM_THREADS=1, not inflated by other jobs on
-the machine); with --flops it counts the floating-point operations of matrix products and convolutions instead
+the machine); ``--mask RULE`` adds ``reconstruct`` with that mask selection, named ``reconstruct+RULE``, next to
+plain ``reconstruct``; with --flops it counts the floating-point operations of matrix products and convolutions instead
 (torch.utils.flop_counter; elementwise work and solves are not counted): the arithmetic a preset needs.
 """
 
@@ -41,6 +42,18 @@ from lightning_repair.repair import repair
 
 PRESETS = ("bn_recalibration", "default", "asr", "reconstruct", "reconstruct_dense_bn")
 FLOOR = {"bn_recalibration": 1, "default": 2, "asr": 2, "reconstruct": 2, "reconstruct_dense_bn": 2}
+
+
+def recipes(args) -> dict[str, str | list[dict]]:
+    """The presets timed, then ``reconstruct`` with each ``--mask`` rule (named ``reconstruct+RULE``)."""
+    timed = {preset: preset for preset in args.presets}
+    for rule in args.mask:
+        timed[f"reconstruct+{rule}"] = [{"op": "reconstruct", "mask": rule, "mask_gram": args.mask_gram}]
+    return timed
+
+
+def floor(name: str) -> int:
+    return FLOOR[name.split("+")[0]]
 
 
 def sync(device: torch.device) -> None:
@@ -79,8 +92,8 @@ def measure(arch: str, args, device: torch.device) -> dict:
     if args.flops:  # the same table, in FLOPs instead of seconds
         best["F"] = sum(flops(lambda b=b: dense(b)) for b in batches)
         best["update_bn"] = flops(lambda: update_bn(batches, copy.deepcopy(pruned)))
-        for preset in args.presets:
-            best[preset] = flops(lambda p=preset: repair(copy.deepcopy(pruned), dense, batches, p, masks=masks))
+        for name, recipe in recipes(args).items():
+            best[name] = flops(lambda r=recipe: repair(copy.deepcopy(pruned), dense, batches, r, masks=masks))
         return {"best": best, "shares": shares}
 
     def keep(name, value):
@@ -90,13 +103,13 @@ def measure(arch: str, args, device: torch.device) -> dict:
         keep("F", calibration_forward_time(dense, batches))
         model = copy.deepcopy(pruned)
         keep("update_bn", seconds(lambda m=model: update_bn(batches, m), device))
-        for preset in args.presets:
+        for preset, recipe in recipes(args).items():
             model = copy.deepcopy(pruned)
             report = None
 
-            def run(m=model, p=preset):
+            def run(m=model, r=recipe):
                 nonlocal report
-                report = repair(m, dense, batches, p, masks=masks)
+                report = repair(m, dense, batches, r, masks=masks)
 
             t = seconds(run, device)
             if t < best.get(preset, float("inf")):
@@ -113,14 +126,19 @@ def table(arch: str, result: dict, args) -> list[str]:
     lines = [f"### {arch}: F = {unit}, `update_bn` = {best['update_bn'] / f:.2f} F", "",
              "| preset | time | floor | time / floor | time / `update_bn` | Grams / solves |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
-    for preset in args.presets:
+    for preset in recipes(args):
         t = best[preset] / f
-        peer = f"{best[preset] / best['update_bn']:.2f}x" if preset == "bn_recalibration" else ""
+        if preset == "bn_recalibration":
+            peer = f"{best[preset] / best['update_bn']:.2f}x"
+        elif "+" in preset and "reconstruct" in best:  # a mask rule: its cost next to plain reconstruct's
+            peer = f"{best[preset] / best['reconstruct']:.2f}x `reconstruct`"
+        else:
+            peer = ""
         split = ""
         if f"{preset}:reconstruction_statistics" in result["shares"]:
             split = " / ".join(f"{result['shares'][f'{preset}:{k}'] / f:.2f} F"
                                for k in ("reconstruction_statistics", "reconstruction_solve"))  # fmt: skip
-        lines.append(f"| `{preset}` | {t:.2f} F | {FLOOR[preset]} F | {t / FLOOR[preset]:.2f}x | {peer} | {split} |")
+        lines.append(f"| `{preset}` | {t:.2f} F | {floor(preset)} F | {t / floor(preset):.2f}x | {peer} | {split} |")
     return lines + [""]
 
 
@@ -135,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--mask", nargs="*", default=[], help="mask rules to time as reconstruct options")
+    parser.add_argument("--mask-gram", default="dense", choices=["dense", "repaired"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--gram-products",

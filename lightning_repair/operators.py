@@ -215,7 +215,13 @@ class Reconstruct(Operator):
             with an intercept, folded into that BN's running mean: the pair is reconstructed as one affine layer
             (the ``reconstruct_dense_bn`` preset: better at 97-98%, slightly worse at 95%).
         mask: ``magnitude`` keeps the masks as given; the other rules (mask_selection.py) re-select each layer's
-            mask from the dense weights and the Gram of its input, keeping the allocation's count per layer.
+            mask from the dense weights and the Gram of its input, keeping the allocation's count per layer:
+            ``wanda``, ``obs_oneshot``, ``sparsegpt`` (SparseGPT's blocked OBS selection) and ``exact_obs``
+            (OBC's ExactOBS; O(K^3) per output row, for small layers).
+        mask_gram: whose input Gram the re-selection reads: the ``repaired`` network's (the one the weights are
+            then solved on) or the ``dense`` network's (as OBC and SparseGPT select, layer by layer from dense
+            inputs). Both come from the same walk, which holds both networks' activations at every layer; ``dense``
+            forms one more Gram per layer.
         mask_scope: where a re-selected mask's weights compete: across the whole ``layer`` (top-k of the layer), or
             within each output ``row`` (the same count in every row, as Wanda compares them; the remainder goes to
             the rows whose next weight scores highest).
@@ -227,10 +233,11 @@ class Reconstruct(Operator):
     recalibrate_bn: bool = True
     mask: MaskRule = "magnitude"
     mask_scope: MaskScope = "layer"
+    mask_gram: Literal["repaired", "dense"] = "repaired"
 
     def __post_init__(self):
         check_nonnegative("reconstruct.damping", self.damping)
-        check_choices(self, "layers", "mask", "mask_scope")
+        check_choices(self, "layers", "mask", "mask_scope", "mask_gram")
         if self.mask_scope == "row" and self.mask == "magnitude":
             raise ValueError("reconstruct.mask_scope: 'row' re-selects masks, so it needs a mask rule, not magnitude")
         check_flag("reconstruct.recalibrate_bn", self.recalibrate_bn)

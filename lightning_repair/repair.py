@@ -353,11 +353,17 @@ class _Walk:
         name, damping = node.target, op.solve_damping()
         with timed(self.report.timings, "reconstruction_statistics"):
             stats = layer_statistics(module, self.env_p[node.args[0]], self.env_d[node])
-        with timed(self.report.timings, "reconstruction_solve"):
-            if op.reselects_masks:
+        if op.reselects_masks:
+            selection = stats
+            if op.mask_gram == "dense":  # the dense input is in the walk already: one more Gram, no extra pass
+                with timed(self.report.timings, "mask_selection"):
+                    selection = layer_statistics(module, self.env_d[node.args[0]], self.env_d[node])
+            with timed(self.report.timings, "mask_selection"):
                 self.masks[name] = select_mask(
-                    op.mask, op.mask_scope, self.mods_d[name].weight, stats, self.masks[name], damping
+                    op.mask, op.mask_scope, self.mods_d[name].weight, selection, self.masks[name], damping
                 )
+            del selection
+        with timed(self.report.timings, "reconstruction_solve"):
             # BNs that keep the dense statistics: a bias-free layer read only by a BN gets an intercept,
             # folded into that BN's mean (BN(y + b) is BN with mean - b): the pair is one affine layer
             bn = None if self.recalibrate or module.bias is not None else bn_reader(node, self.mods_p)

@@ -1,0 +1,50 @@
+"""Errors of re-selected masks on generated layers, relative to magnitude's, after the masked least-squares re-solve.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/obs_synthetic.py
+
+The layers of tests/test_mask_selection.py's factor test (a Linear 16x40, a 2-group conv 8x36 per group, a depthwise
+conv 4x1x9; correlated inputs, damped Gram, iid weights; seeds 10-15) at 50/80/95% sparsity. Per case: the error
+sum (w - w0) H (w - w0)^T of the best weights on each mask, divided by magnitude's (layer-wide top-k of |w|).
+"""
+
+import torch
+
+from lightning_repair.mask_selection import exact_obs, sparsegpt, top_count
+
+
+def problem(seed, groups, rows, k, samples=300):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(groups, k, samples, generator=gen, dtype=torch.float64)
+    x = x + 0.5 * x.roll(1, 1)
+    gram = x @ x.mT
+    gram += torch.diag_embed(0.01 * gram.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).expand(groups, k))
+    return torch.randn(groups, rows, k, generator=gen, dtype=torch.float64), gram
+
+
+def resolved_error(w0, gram, keep):
+    total = 0.0
+    for g in range(len(w0)):
+        for r in range(w0.shape[1]):
+            s, h = keep[g, r], gram[g]
+            w = torch.zeros_like(w0[g, r])
+            w[s] = w0[g, r, s] + torch.linalg.solve(h[s][:, s], h[s][:, ~s] @ w0[g, r, ~s])
+            d = w - w0[g, r]
+            total += float(d @ h @ d)
+    return total
+
+
+print(f"{'layer (groups, rows, K)':<24} {'sparsity':>8} {'sparsegpt':>9} {'exact_obs':>9}")
+ratios = {"sparsegpt": [], "exact_obs": []}
+for seed, shape in enumerate([(1, 16, 40), (2, 8, 36), (4, 1, 9)] * 2):
+    w0, gram = problem(10 + seed, *shape)
+    for density in (0.5, 0.2, 0.05):
+        removed = round(w0.numel() * (1 - density))
+        magnitude = top_count(w0.abs().reshape(-1, shape[2]), w0.numel() - removed, "layer").view(w0.shape)
+        base = resolved_error(w0, gram, magnitude)
+        row = [resolved_error(w0, gram, sparsegpt(w0, gram, removed, block=16)[0]) / base,
+               resolved_error(w0, gram, exact_obs(w0, gram, removed)[0]) / base]  # fmt: skip
+        for name, r in zip(ratios, row, strict=True):
+            ratios[name].append(r)
+        print(f"{str(shape):<24} {1 - density:>8.2f} {row[0]:>9.3f} {row[1]:>9.3f}")
+for name, r in ratios.items():
+    print(f"{name}: error / magnitude's from {min(r):.3f} to {max(r):.3f}, median {sorted(r)[len(r) // 2]:.3f}")

@@ -1,0 +1,236 @@
+"""OBS mask selection (mask_selection.sparsegpt, exact_obs) on tiny generated layers, and against OBC's own code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_repair import mask_selection
+from lightning_repair.mask_selection import damped_gram, exact_obs, select_mask, sparsegpt
+from lightning_repair.reconstruction import layer_statistics
+
+
+def problem(seed: int, groups: int, rows: int, k: int, samples: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense weights (groups, rows, K) and a damped Gram (groups, K, K) of correlated inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(groups, k, samples, generator=gen, dtype=torch.float64)
+    x = x + 0.5 * x.roll(1, 1)
+    gram = x @ x.mT
+    gram += torch.diag_embed(0.01 * gram.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).expand(groups, k))
+    return torch.randn(groups, rows, k, generator=gen, dtype=torch.float64), gram
+
+
+def error(w0: torch.Tensor, gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of (w - w0) H (w - w0)^T."""
+    d = w - w0
+    return torch.einsum("gok,gkj,goj->", d, gram, d)
+
+
+def resolved(w0: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The best weights on ``keep`` (min (w - w0) H (w - w0)^T, w = 0 off the mask), one explicit solve per row:
+    the masked least-squares re-solve of reconstruction, for the target w0's output."""
+    w = torch.zeros_like(w0)
+    for g in range(len(w0)):
+        for r in range(w0.shape[1]):
+            s = keep[g, r]
+            h = gram[g]
+            w[g, r, s] = w0[g, r, s] + torch.linalg.solve(h[s][:, s], h[s][:, ~s] @ w0[g, r, ~s])
+    return w
+
+
+def straightforward_exact_obs(w0: torch.Tensor, gram: torch.Tensor, removed: int) -> tuple[torch.Tensor, float]:
+    """ExactOBS without its algebra: each row greedily removes the weight whose removal, with the row's other kept
+    weights re-solved explicitly, raises its error least; the layer takes the `removed` cheapest steps over all rows
+    (a row with m of them takes its first m). No inverse-Hessian updates."""
+    groups, rows, k = w0.shape
+    steps, orders = [], []
+    for g in range(groups):
+        for r in range(rows):
+            keep = torch.ones(1, 1, k, dtype=torch.bool)
+            row, h = w0[g : g + 1, r : r + 1], gram[g : g + 1]
+            current, order, losses = 0.0, [], []
+            for _ in range(k):
+                best = None
+                for j in (~keep[0, 0]).logical_not().nonzero().flatten().tolist():
+                    trial = keep.clone()
+                    trial[0, 0, j] = False
+                    e = float(error(row, h, resolved(row, h, trial)))
+                    if best is None or e < best[0]:
+                        best = (e, j)
+                keep[0, 0, best[1]] = False
+                losses.append(best[0] - current)
+                order.append(best[1])
+                current = best[0]
+            steps.append(losses)
+            orders.append(order)
+    losses = torch.tensor(steps, dtype=torch.float64)
+    chosen = torch.sort(losses.flatten(), stable=True).indices[:removed]
+    taken = torch.bincount(chosen // k, minlength=groups * rows)
+    keep = torch.ones(groups * rows, k, dtype=torch.bool)
+    for i, order in enumerate(orders):
+        keep[i, order[: int(taken[i])]] = False
+    return keep.view(groups, rows, k), float(sum(losses[i, : int(taken[i])].sum() for i in range(len(losses))))
+
+
+SHAPES = [(1, 6, 8), (2, 3, 9), (4, 1, 9)]  # a Linear, a conv with 2 groups, a depthwise conv (groups, rows, K)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", [0.5, 0.2])
+def test_exact_obs_equals_straightforward_greedy(shape, density):
+    w0, gram = problem(1, *shape)
+    removed = round(w0.numel() * (1 - density))
+    keep, loss = exact_obs(w0, gram, removed)
+    ref_keep, ref_loss = straightforward_exact_obs(w0, gram, removed)
+    assert torch.equal(keep, ref_keep)
+    assert float(loss) == pytest.approx(ref_loss, rel=1e-8)
+    # the loss is that of the best weights on the mask: the OBS updates keep the remaining weights optimal
+    assert float(loss) == pytest.approx(float(error(w0, gram, resolved(w0, gram, keep))), rel=1e-8)
+
+
+@pytest.mark.parametrize("rule", ["sparsegpt", "exact_obs"])
+@pytest.mark.parametrize("scope", ["layer", "row"])
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_select_mask_keeps_the_exact_count_on_convs_with_groups(rule, scope, groups):
+    """Through LayerStatistics of a real conv (groups included): exactly the given count kept, row scope spreads it
+    evenly, the mask moved from magnitude's, and the same call twice gives the same mask."""
+    torch.manual_seed(groups)
+    conv = nn.Conv2d(6, 12, 3, padding=1, groups=groups, bias=False).double()
+    x = torch.randn(8, 6, 7, 7, dtype=torch.float64)
+    stats = layer_statistics(conv, [x], [conv(x).detach()])
+    w = conv.weight.detach()
+    for count in (1, 37, w.numel() // 10, w.numel() // 2):
+        magnitude = (w.abs().flatten() >= w.abs().flatten().sort(descending=True).values[count - 1]).view_as(w)
+        assert int(magnitude.sum()) == count
+        chosen = select_mask(rule, scope, w, stats, magnitude, 0.01)
+        assert chosen.shape == w.shape and chosen.dtype == torch.bool
+        assert int(chosen.sum()) == count
+        if scope == "row":
+            per_row = chosen.flatten(1).sum(1)
+            assert int(per_row.max() - per_row.min()) <= 1
+        assert torch.equal(chosen, select_mask(rule, scope, w, stats, magnitude, 0.01))
+    assert not torch.equal(chosen, magnitude)
+
+
+@pytest.mark.parametrize("block", [1, 4, 128])
+def test_sparsegpt_loss_is_the_error_of_its_weights_and_counts_are_exact(block):
+    """The returned loss is the error of the OBS-updated weights (0 where removed): the lazy block updates lose
+    nothing. Counts hold per layer and per row whatever the block size."""
+    w0, gram = problem(2, 2, 5, 36)
+    for removed in (1, 77, 300, w0.numel() - 1):
+        keep, w, loss = sparsegpt(w0, gram, removed, block=block)
+        assert w0.numel() - int(keep.sum()) == removed
+        assert (w[~keep] == 0).all()
+        assert float(loss) == pytest.approx(float(error(w0, gram, w)), rel=1e-9)
+    per_row = torch.tensor([[3, 30, 0, 36, 17]] * 2)
+    keep = sparsegpt(w0, gram, per_row, block=block)[0]
+    assert torch.equal(36 - keep.sum(2), per_row)
+
+
+def test_sparsegpt_is_within_stated_factors_of_exact_obs():
+    """On generated layers (a Linear, a 2-group conv, a depthwise conv) at 50/80/95% sparsity, sparsegpt's error is
+    at most 1.4x exact_obs's after the masked least-squares re-solve (as reconstruction uses the mask), and at
+    most 1.6x with SparseGPT's own OBS-updated weights (depthwise, one row of 9 per group: 1.6x and 1.8x; measured
+    maxima 1.33/1.50 and 1.55/1.71). Magnitude's mask, re-solved, is worse than exact_obs's (on these
+    iid weights sparsegpt's re-solved masks are within a few % of magnitude's, either way: not asserted)."""
+    for seed, shape in enumerate([(1, 16, 40), (2, 8, 36), (4, 1, 9)] * 2):
+        w0, gram = problem(10 + seed, *shape)
+        for density in (0.5, 0.2, 0.05):
+            removed = round(w0.numel() * (1 - density))
+            keep, w, loss = sparsegpt(w0, gram, removed, block=16)
+            exact = float(exact_obs(w0, gram, removed)[1])
+            ours = float(error(w0, gram, resolved(w0, gram, keep)))
+            ratio_resolved = ours / exact
+            resolved_factor, updated_factor = (1.4, 1.6) if shape[1] > 1 else (1.6, 1.8)
+            assert 1 - 1e-9 <= ratio_resolved <= resolved_factor, (shape, density)
+            assert ratio_resolved <= float(loss) / exact <= updated_factor, (shape, density)
+            kept = w0.numel() - removed
+            magnitude = (w0.abs().flatten() >= w0.abs().flatten().sort(descending=True).values[kept - 1]).view_as(w0)
+            if shape[1] > 1:  # a depthwise row of 9 weights leaves little to choose
+                assert float(error(w0, gram, resolved(w0, gram, magnitude))) > exact, (shape, density)
+
+
+def test_exact_obs_does_not_depend_on_how_rows_are_batched(monkeypatch):
+    w0, gram = problem(3, 3, 7, 12)
+    whole = exact_obs(w0, gram, 150)
+    monkeypatch.setattr(mask_selection, "_BATCH_ELEMENTS", 12 * 12 * 2)  # two rows at a time
+    batched = exact_obs(w0, gram, 150)
+    assert torch.equal(whole[0], batched[0]) and float(whole[1]) == pytest.approx(float(batched[1]), rel=1e-12)
+
+
+def test_dead_inputs_are_removed_first_without_damping():
+    w0, gram = problem(4, 1, 4, 10)
+    gram[:, 3, :] = gram[:, :, 3] = 0  # input 3 is always 0
+    for keep in (sparsegpt(w0, gram, 4)[0], exact_obs(w0, gram, 4)[0]):
+        assert not keep[0, :, 3].any()
+
+
+FIXTURE = Path(__file__).parent / "data" / "obc_crosscheck.pt"
+
+
+def test_exact_obs_matches_obc_official_code():
+    """Masks and errors of OBC's own ExactOBS (IST-DASLab/OBC trueobs.py, commit 9b7979b) on a Linear 16x24 and a
+    Conv2d 4->8 3x3 at 50/80/95% sparsity, generated by
+
+        git clone https://github.com/IST-DASLab/OBC /tmp/obc
+        PYTHONPATH=. .venv/bin/python benchmarks/obc_crosscheck.py --obc /tmp/obc
+
+    Our statistics of the same inputs give OBC's Hessian (up to its factor 2/n: the column order agrees), and
+    exact_obs on it, with OBC's damping, removes the same weights at the same error (OBC runs in float32)."""
+    for case in torch.load(FIXTURE):
+        w = case["weight"].double()
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False) if w.dim() == 2 else nn.Conv2d(
+            w.shape[1], w.shape[0], w.shape[2], padding=w.shape[2] // 2, bias=False)  # fmt: skip
+        layer = layer.double()
+        layer.weight.data = w
+        x = case["inputs"].double()
+        stats = layer_statistics(layer, [x], [layer(x).detach()])
+        torch.testing.assert_close(stats.gram[0] * 2 / len(x), case["hessian"], rtol=1e-5, atol=1e-4)
+        stats.gram = case["hessian"][None].clone()
+        obc_keep = case["obc_weight"].view(w.shape) != 0
+        count = int(obc_keep.sum())
+        assert w.numel() - count == case["removed"]
+        placeholder = torch.arange(w.numel()).view(w.shape) < count  # only its count matters
+        keep = select_mask("exact_obs", "layer", w, stats, placeholder, case["rel_damp"])
+        assert torch.equal(keep, obc_keep), case["name"]
+        gram = damped_gram(stats, case["rel_damp"])
+        w0 = w.reshape(1, len(w), -1)
+        obc_error = error(w0, gram, case["obc_weight"].double().view(w0.shape))
+        ours = exact_obs(w0, gram, case["removed"])[1]
+        assert float(ours) == pytest.approx(float(obc_error), rel=1e-6), case["name"]
+
+
+@pytest.mark.parametrize("gram", ["dense", "repaired"])
+def test_reconstruct_selects_from_the_chosen_networks_input(dense, batches, gram, rule="sparsegpt"):
+    """In the walk, each layer's mask is select_mask on the Gram of the dense network's input at that layer
+    (``mask_gram: dense``, recorded here by hooks on the dense model) or of the repaired network's (``repaired``,
+    recorded on the repaired model as the walk leaves it: upstream layers solved, BNs recalibrated); counts are
+    kept. (sparsegpt: exact_obs takes the same path, and minutes on this model's 576-input layers.)"""
+    from lightning_repair.layers import prunable_layers
+    from lightning_repair.operators import Reconstruct
+    from lightning_repair.repair import repair
+
+    from helpers import pruned_copy
+
+    pruned, masks = pruned_copy(dense, 0.9)
+    op = Reconstruct(mask=rule, mask_gram=gram, damping=0.01)
+    report = repair(pruned, dense, batches, [op], masks=masks)
+    source = dense if gram == "dense" else pruned
+    modules = {layer.name: layer.module for layer in prunable_layers(source)}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: inputs[name].append(i[0].detach()))
+             for name, m in modules.items()]  # fmt: skip
+    with torch.no_grad():
+        for b in batches:
+            source(b)
+    for h in hooks:
+        h.remove()
+    dense_modules = dict(dense.named_modules())
+    for name, module in modules.items():
+        stats = layer_statistics(module, inputs[name], [module(x) for x in inputs[name]])
+        expected = select_mask(rule, "layer", dense_modules[name].weight, stats, masks[name], 0.01)
+        assert int(report.masks[name].sum()) == int(masks[name].sum()), name
+        assert torch.equal(report.masks[name], expected), name
