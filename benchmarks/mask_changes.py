@@ -18,8 +18,8 @@ from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network
-from lightning_repair.pipeline import load_calibration, load_dense
 from lightning_repair.operators import Reconstruct
+from lightning_repair.pipeline import load_calibration, load_dense
 from lightning_repair.repair import repair
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
