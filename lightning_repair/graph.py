@@ -29,13 +29,21 @@ class UntraceableModelError(TypeError):
 
 
 def trace(model: nn.Module) -> fx.Graph:
+    """The model's graph; refused unless forward takes exactly one input, the batch of images the engine feeds."""
     try:
-        return fx.symbolic_trace(model).graph
+        graph = fx.symbolic_trace(model).graph
     except Exception as err:
         raise UntraceableModelError(
             f"{type(model).__name__} is not traceable by torch.fx ({err}); the repair engine needs a "
             "static graph (no data-dependent control flow in forward)"
         ) from err
+    inputs = [n.target for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise UntraceableModelError(
+            f"{type(model).__name__}.forward takes {len(inputs)} inputs ({', '.join(inputs) or 'none'}), but the "
+            "repair feeds it one batch of images: wrap it in a module whose forward(x) calls it with the others fixed"
+        )
+    return graph
 
 
 def module_of(node: fx.Node, modules: Modules) -> nn.Module | None:

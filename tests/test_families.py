@@ -199,3 +199,19 @@ def test_every_allocation_meets_the_budget_on_a_depthwise_network(dense_models):
         assert sum(keep.values()) == round(0.1 * total), spec.method
     first = prunable_layers(model)[0]
     assert keep[first.name] == first.numel  # capped ERK's keep_dense held
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x, scale=None):
+        y = self.bn(self.conv(x)).mean((2, 3))
+        return self.fc(y if scale is None else y * scale)
+
+
+def test_a_forward_with_more_than_one_input_is_refused_naming_them():
+    """The engine feeds one batch of images: a second input (even with a default) would silently get images too."""
+    with pytest.raises(UntraceableModelError, match=r"TwoInputs.forward takes 2 inputs \(x, scale\).*wrap it"):
+        prune_and_repair(TwoInputs().eval(), [torch.randn(4, 3, 8, 8)], 0.5, "lamp", "default")
