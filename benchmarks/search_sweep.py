@@ -30,6 +30,8 @@ parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.92, 0
 parser.add_argument("--repair", default="reconstruct_dense_bn")
 parser.add_argument("--max-candidates", type=int, default=30)
 parser.add_argument("--objective", default="kl")
+parser.add_argument("--fit-images", type=int, default=256)
+parser.add_argument("--score-images", type=int, default=256)
 parser.add_argument("--label", default="search", help="the allocation's name in the CSV (for option variants)")
 parser.add_argument("--output", type=Path, default=Path("benchmarks/results/search_sweep.csv"))
 parser.add_argument("--fixed", type=Path, default=Path("benchmarks/results/search_objective.csv"))
@@ -74,7 +76,8 @@ for sparsity in args.sparsities:
     if (args.network, sparsity, args.repair, args.label) in done:
         continue
     forward_s = calibration_forward_time(dense, calibration)
-    options = SearchOptions(objective=args.objective, max_candidates=args.max_candidates)
+    options = SearchOptions(objective=args.objective, max_candidates=args.max_candidates, fit_images=args.fit_images,
+                            score_images=args.score_images)  # fmt: skip
     keep, record = search_allocation(dense, calibration, sparsity, args.repair, options, forward_s=forward_s)
     start = time.perf_counter()
     top1 = test(stand_in(dense, keep, calibration, args.repair))
