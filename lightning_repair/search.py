@@ -49,7 +49,7 @@ from .diagnostics import _damage, _reconstruction_residuals, _stream, magnitude_
 from .evaluation import calibration_forward_time
 from .layers import prunable_layers
 from .masks import apply_masks, compute_masks
-from .repair import Operator, Reconstruct, parse_recipe, repair
+from .repair import Operator, parse_recipe, repair
 from .stats import all_reduce_sum
 
 FIXED_RULES = ("global", "erk", "lamp")
@@ -327,7 +327,8 @@ def minimise(
 
 
 def uses_reconstruction(recipe: Sequence[Operator]) -> bool:
-    return any(isinstance(op, Reconstruct) and op.layers == "all" for op in recipe)
+    """Whether ``recipe`` re-solves every prunable layer (the ``reconstruct`` operator on all layers)."""
+    return any(getattr(op, "op", None) == "reconstruct" and getattr(op, "layers", None) == "all" for op in recipe)
 
 
 def search_allocation(
