@@ -1,0 +1,97 @@
+"""The ``search`` allocation per cell: its choice, its cost in F, and the test top-1 of the full repair of its choice.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_sweep.py --network resnet18 \
+        [--sparsities 0.9 ... 0.98] [--repair reconstruct_dense_bn] [--max-candidates 30] \
+        [--output benchmarks/results/search_sweep.csv]
+    .venv/bin/python benchmarks/search_sweep.py --report   # table against the fixed rules
+
+Per cell: ``search_allocation`` on the calibration set (F measured on it, the same process), then the chosen keep
+counts pruned by magnitude and repaired with the cell's recipe on all calibration images, and evaluated on the test
+set, as ``prune_and_repair`` does. Rows are appended as cells finish (a rerun skips finished cells). ``--report``
+joins the fixed rules' test top-1 of the same cells from benchmarks/results/search_objective.csv (the same code
+path: allocate, magnitude masks, repair on all calibration images) and prints, per cell, the search against the
+best of global/ERK/LAMP, its cost in F, and where its densities differ most from the rule it started from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from search_setup import NETWORKS, load, read_rows, write_rows  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--network", choices=sorted(NETWORKS), default="resnet18")
+parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98])
+parser.add_argument("--repair", default="reconstruct_dense_bn")
+parser.add_argument("--max-candidates", type=int, default=30)
+parser.add_argument("--objective", default="kl")
+parser.add_argument("--fit-images", type=int, default=256)
+parser.add_argument("--score-images", type=int, default=256)
+parser.add_argument("--label", default="search", help="the allocation's name in the CSV (for option variants)")
+parser.add_argument("--output", type=Path, default=Path("benchmarks/results/search_sweep.csv"))
+parser.add_argument("--fixed", type=Path, default=Path("benchmarks/results/search_objective.csv"))
+parser.add_argument("--report", action="store_true")
+args = parser.parse_args()
+
+
+def report(rows: list[dict], fixed_rows: list[dict]) -> str:
+    fixed = {(r["network"], float(r["sparsity"]), r["repair"], r["allocation"]): float(r["top1"]) for r in fixed_rows}
+    lines = ["| network | repair | allocation | sparsity | global | ERK | LAMP | best fixed | search | diff | "
+             "start -> chosen | candidates | cost (F) | largest density changes vs start (layer: start -> chosen) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        key = (r["network"], float(r["sparsity"]), r["repair"])
+        rules = [fixed.get((*key, rule)) for rule in ("global", "erk", "lamp")]
+        known = [v for v in rules if v is not None]
+        best = max(known) if known else None
+        top1 = float(r["top1"])
+        cells = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in rules)
+        diff = "-" if best is None else f"{100 * (top1 - best):+.1f}"
+        changes = json.loads(r["changes"])[:3]
+        moved = "; ".join(f"{c[0]}: {c[1]:.3f} -> {c[2]:.3f}" for c in changes) or "none"
+        lines.append(f"| {r['network']} | {r['repair']} | {r['allocation']} | {float(r['sparsity']):.2f} | {cells} | "
+                     f"{'-' if best is None else f'{100 * best:.1f}'} | {100 * top1:.1f} | {diff} | "
+                     f"{r['start']} -> {r['chosen']} | {r['candidates']} | {float(r['cost_f']):.0f} | {moved} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+if args.report:
+    print(report(read_rows(args.output), read_rows(args.fixed)))
+    sys.exit()
+
+from lightning_repair.evaluation import calibration_forward_time  # noqa: E402
+from lightning_repair.layers import prunable_layers  # noqa: E402
+from lightning_repair.search import SearchOptions, search_allocation, stand_in  # noqa: E402
+
+dense, dm, calibration, test = load(args.network)
+numels = {layer.name: layer.numel for layer in prunable_layers(dense)}
+rows = read_rows(args.output)
+done = {(r["network"], float(r["sparsity"]), r["repair"], r["allocation"]) for r in rows}
+for sparsity in args.sparsities:
+    if (args.network, sparsity, args.repair, args.label) in done:
+        continue
+    forward_s = calibration_forward_time(dense, calibration)
+    options = SearchOptions(objective=args.objective, max_candidates=args.max_candidates, fit_images=args.fit_images,
+                            score_images=args.score_images)  # fmt: skip
+    keep, record = search_allocation(dense, calibration, sparsity, args.repair, options, forward_s=forward_s)
+    start = time.perf_counter()
+    top1 = test(stand_in(dense, keep, calibration, args.repair))
+    first = record.candidates[[c.label for c in record.candidates].index(record.start)].keep
+    changes = sorted(((n, first[n] / numels[n], keep[n] / numels[n]) for n in numels),
+                     key=lambda c: -abs(c[2] - c[1]))  # fmt: skip
+    rows.append({
+        "network": args.network, "allocation": args.label, "sparsity": sparsity, "repair": args.repair,
+        "top1": top1, "chosen": record.chosen, "start": record.start, "candidates": len(record.candidates),
+        "cost_f": record.cost_f, "forward_s": forward_s, "objectives": json.dumps(record.summary()["objectives"]),
+        "densities": json.dumps({n: keep[n] / numels[n] for n in numels}), "changes": json.dumps(changes),
+        "alpha": json.dumps(record.alpha),
+    })  # fmt: skip
+    write_rows(args.output, rows)
+    print(f"{args.network} {sparsity} {args.repair}: search {top1:.4f} ({record.start} -> {record.chosen}, "
+          f"{len(record.candidates)} candidates, {record.cost_f:.0f} F)", flush=True)  # fmt: skip
+print(report(rows, read_rows(args.fixed)))

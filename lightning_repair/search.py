@@ -1,0 +1,442 @@
+"""``search``: a label-free allocation search, scored by what the repair actually achieves (docs/methods.md).
+
+Fixed rules (global, ERK, LAMP) place weights by magnitude or by shape; none of them knows what the repair can
+undo, and which one wins changes from cell to cell. ``search`` picks, per cell, the allocation whose *repaired*
+network reproduces the dense network's outputs best on unlabeled images:
+
+1. **Objective.** After a repair with the cell's own recipe fitted on the first ``fit_images`` calibration images,
+   the distance of the repaired logits to the dense logits on the last ``score_images`` calibration images: the mean
+   KL divergence KL(softmax(dense) || softmax(repaired)) per image (``kl``), or the mean squared logit difference
+   (``mse``). By default both are the whole calibration set (1024 images in the configs), i.e. the full repair scored
+   on the images it was fitted on: benchmarks/results/search.md measured that a stand-in repair fitted on 256-768
+   images ranks allocations differently from the full repair (at 98% it prefers LAMP, the full repair's test top-1
+   and its KL prefer global by 2 points), while the full repair's own KL on its calibration images orders the fixed
+   rules as test top-1 does there. benchmarks/search_objective.py measures how well each variant tracks top-1.
+2. **Fixed rules first.** Global, ERK and LAMP (with the base allocation's keep_dense/overrides) are always scored;
+   the best of them is the starting point, so the result is never worse than the best fixed rule by the objective.
+3. **Error table.** e_l(d): each layer's relative output error after the repair's own per-layer fit (for a recipe
+   that reconstructs layers, the ridge least-squares residual of the layer re-solved on its dense input, as RR's
+   ``reconstruct`` profile; otherwise the least-squares channel-wise affine fit, RR's ``ls``) at a grid of
+   densities plus each fixed rule's own keep count, from one streaming pass over the fit images.
+4. **Coefficients.** Candidates minimise sum_l c_l e_l(d_l) under the budget exactly (the ``rr`` rule's lower-hull
+   Lagrangian). The search starts from the coefficients that make the best fixed rule itself the minimiser
+   (c_l = 1 / the geometric mean of the hull's rates on either side of its density) and moves log c_l forward-only
+   (SPDY-style: every candidate is scored by the objective, no gradient), by a pattern search along a few
+   directions: towards each other fixed rule's implied coefficients, along depth, along log layer size; the first
+   improving step is taken, the step is halved after a round without improvement. Allocations already scored are
+   not scored again; at most ``max_candidates`` are.
+
+Everything is deterministic (no random draw; statistics reduced as sums across DDP processes, the objective's sums
+too), so every process takes the same decisions and returns the same keep counts.
+Cost is reported in F, one dense forward pass over the full calibration set.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .allocation import Allocation, allocate, lower_hull
+from .diagnostics import _damage, _reconstruction_residuals, _stream, magnitude_ranks
+from .evaluation import calibration_forward_time
+from .layers import prunable_layers
+from .masks import apply_masks, compute_masks
+from .repair import Operator, parse_recipe, repair
+from .stats import all_reduce_sum
+
+FIXED_RULES = ("global", "erk", "lamp")
+OBJECTIVES = ("kl", "mse")
+TABLE_FACTORS = (0.25, 0.4, 0.63, 1.6, 2.5, 4.0)
+
+
+@dataclass
+class SearchOptions:
+    """Options of the ``search`` allocation.
+
+    Args:
+        objective: ``kl`` (mean KL divergence of the repaired from the dense softmax) or ``mse`` (mean squared
+            logit difference), on the score images.
+        fit_images: calibration images the stand-in repair and the error table are fitted on (the first ones).
+        score_images: calibration images the objective is measured on (the last ones; disjoint from the fit
+            images when the calibration set holds both).
+        max_candidates: allocations scored, the three fixed rules included.
+        step: initial step of the pattern search along each direction of log c (search_directions).
+        min_step: the search ends when the step, halved after every round without improvement, falls below it.
+        factors: the error table's knots of a layer, besides the fixed rules' keep counts: these multiples of the
+            geometric mean of those counts (capped at the layer's size).
+    """
+
+    objective: str = "kl"
+    fit_images: int = 1024
+    score_images: int = 1024
+    max_candidates: int = 12
+    step: float = 0.5
+    min_step: float = 0.06
+    factors: tuple[float, ...] = TABLE_FACTORS
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"search.objective: {self.objective!r} is not one of {OBJECTIVES}")
+        for name in ("fit_images", "score_images", "max_candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"search.{name} must be an integer >= 1, got {value!r}")
+        if self.max_candidates < len(FIXED_RULES):
+            raise ValueError(f"search.max_candidates must be >= {len(FIXED_RULES)} (the fixed rules are scored)")
+        if not 0 < self.min_step <= self.step:
+            raise ValueError(f"search: need 0 < min_step <= step, got {self.min_step!r}, {self.step!r}")
+        self.factors = tuple(sorted({float(f) for f in self.factors}))
+        if any(not f > 0 for f in self.factors):
+            raise ValueError(f"search.factors must be > 0, got {list(self.factors)}")
+
+
+@dataclass
+class Candidate:
+    label: str  # global, erk, lamp, table:<step>
+    keep: dict[str, int]
+    objective: float
+
+
+@dataclass
+class SearchRecord:
+    """What the search did: every candidate scored (in order), the start, the choice and the cost."""
+
+    chosen: str
+    start: str
+    objective: str
+    candidates: list[Candidate] = field(default_factory=list)
+    coefficients: dict[str, float] = field(default_factory=dict)  # c_l of the chosen candidate (empty: a fixed rule)
+    alpha: dict[str, float] = field(default_factory=dict)  # its position along each search direction
+    seconds: float = 0.0
+    cost_f: float = 0.0  # seconds / F
+    forward_s: float = 0.0  # F
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def densities(self, numels: Mapping[str, int]) -> dict[str, float]:
+        keep = self.best.keep
+        return {name: keep[name] / numels[name] for name in keep}
+
+    @property
+    def best(self) -> Candidate:
+        return next(c for c in self.candidates if c.label == self.chosen)
+
+    def summary(self) -> dict:
+        """JSON-ready: chosen and start labels, objective values of every candidate, cost."""
+        return {
+            "chosen": self.chosen,
+            "start": self.start,
+            "objective": self.objective,
+            "objectives": {c.label: c.objective for c in self.candidates},
+            "candidates": len(self.candidates),
+            "cost_f": self.cost_f,
+            "seconds": self.seconds,
+            "forward_s": self.forward_s,
+            "timings_s": dict(self.timings),
+            "coefficients": dict(self.coefficients),
+            "alpha": dict(self.alpha),
+        }
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def split_batches(batches: Sequence[torch.Tensor], first: int, last: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first ``first`` and the last ``last`` images of ``batches`` (this process's share under DDP: each
+    process takes the same fraction of its own shard), re-batched with the original batch size."""
+    images = torch.cat(list(batches))
+    n = images.shape[0]
+    size = batches[0].shape[0]
+    world = _world_size()
+    first, last = min(n, math.ceil(first / world)), min(n, math.ceil(last / world))
+    chunk = lambda x: list(x.split(size))  # noqa: E731
+    return chunk(images[:first]), chunk(images[n - last :])
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        return [model(b) for b in batches]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def output_distance(
+    model: nn.Module, batches: Sequence[torch.Tensor], dense_logits: Sequence[torch.Tensor], objective: str = "kl"
+) -> float:
+    """Mean per image over all processes of KL(softmax(dense) || softmax(model)) (``kl``) or of the squared logit
+    difference summed over classes (``mse``); sums reduced across DDP processes."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {OBJECTIVES}")
+    total = torch.zeros(2, dtype=torch.float64, device=dense_logits[0].device)
+    for out, ref in zip(logits_of(model, batches), dense_logits, strict=True):
+        out, ref = out.double(), ref.double()
+        if objective == "kl":
+            p = ref.log_softmax(1)
+            per = (p.exp() * (p - out.log_softmax(1))).sum(1)
+        else:
+            per = (out - ref).square().sum(1)
+        total += torch.stack([per.sum(), torch.tensor(float(len(per)), dtype=torch.float64, device=per.device)])
+    total = all_reduce_sum(total)
+    value = float(total[0] / total[1])
+    return value if math.isfinite(value) else math.inf
+
+
+def repaired_distance(
+    dense: nn.Module, keep: Mapping[str, int], fit: Sequence[torch.Tensor], score: Sequence[torch.Tensor],
+    dense_logits: Sequence[torch.Tensor], recipe: Sequence[Operator], objective: str = "kl",
+) -> float:  # fmt: skip
+    """The objective of one allocation: prune a copy of ``dense`` by magnitude to ``keep``, repair it on ``fit``
+    with ``recipe``, and measure its output distance to the dense logits on ``score``."""
+    return output_distance(stand_in(dense, keep, fit, recipe), score, dense_logits, objective)
+
+
+def stand_in(dense: nn.Module, keep: Mapping[str, int], fit: Sequence[torch.Tensor], recipe) -> nn.Module:
+    """A copy of ``dense`` pruned by magnitude to ``keep`` and repaired on ``fit`` with ``recipe``."""
+    masks = compute_masks(dense, dict(keep))
+    model = apply_masks(copy.deepcopy(dense), masks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few fit images: the reconstruction's fewer-rows warning
+        repair(model, dense, fit, recipe, masks=masks)
+    return model
+
+
+# ----------------------------------------------------------------------------- the error table
+
+
+@dataclass
+class ErrorTable:
+    """Per layer, knots (densities ascending from 0 to 1, errors) of e_l(d); ``scale`` weighs each layer (c_l).
+
+    Has the interface of an RR profile that the ``rr`` allocation reads (``damage_curve``), so the exact budgeted
+    minimiser of sum_l c_l e_l(d_l) is the ``rr`` rule run on this table."""
+
+    curves: dict[str, tuple[list[float], list[float]]]
+    scale: dict[str, float] = field(default_factory=dict)
+
+    def damage_curve(self, name: str, numel: int) -> tuple[list[float], list[float]]:
+        xs, ys = self.curves[name]
+        c = self.scale.get(name, 1.0)
+        return list(xs), [c * y for y in ys]
+
+    def scaled(self, scale: Mapping[str, float]) -> ErrorTable:
+        return ErrorTable(self.curves, dict(scale))
+
+
+def error_table(
+    dense: nn.Module, batches: Sequence[torch.Tensor], keeps: Mapping[str, Sequence[int]], reconstruct: bool = True
+) -> ErrorTable:
+    """e_l at the given keep counts of each layer (plus 0 and all weights), from one streaming pass of ``dense``
+    over ``batches``: the relative output error left by the layer's own least-squares reconstruction
+    (``reconstruct``) or by the least-squares channel-wise affine fit, on the dense input (diagnostics.py)."""
+    layers = prunable_layers(dense)
+    counts = [sorted({k for k in keeps[layer.name] if 0 < k < layer.numel}) for layer in layers]
+    counts = [ks or [max(1, layer.numel // 2)] for ks, layer in zip(counts, layers, strict=True)]
+    ranks = [magnitude_ranks(layer.module.weight) for layer in layers]
+    masks = [[rank < k for k in ks] for rank, ks in zip(ranks, counts, strict=True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moments, _, grams = _stream(dense, batches, layers, masks, with_grams=reconstruct)
+        curves = {}
+        for i, layer in enumerate(layers):
+            residual = _reconstruction_residuals(layer, grams[i], moments[i], masks[i]) if reconstruct else None
+            _, d_res, d_empty = _damage(moments[i], len(counts[i]), layer.module.bias,
+                                        "reconstruct" if reconstruct else "ls", residual)  # fmt: skip
+            ys = [0.0 if math.isnan(v) else max(0.0, v) for v in d_res.tolist()]
+            empty = float(d_empty)
+            xs = [0.0] + [k / layer.numel for k in counts[i]] + [1.0]
+            ys = [0.0 if math.isnan(empty) else empty] + ys + [0.0]
+            curves[layer.name] = (xs, ys)
+    return ErrorTable(curves)
+
+
+def table_knots(counts: Sequence[int], numel: int, factors: Sequence[float]) -> list[int]:
+    """Keep counts at which a layer's error is measured: ``counts`` and ``factors`` times their geometric mean."""
+    centre = math.exp(sum(math.log(max(k, 1)) for k in counts) / len(counts))
+    return sorted({*counts, *(min(numel, max(1, round(f * centre))) for f in factors)})
+
+
+def implied_coefficients(table: ErrorTable, keep: Mapping[str, int], numels: Mapping[str, int]) -> dict[str, float]:
+    """c_l that make ``keep`` the minimiser of sum_l c_l e_l(d_l): at each layer's density on its lower hull,
+    1 / the geometric mean of the error removed per kept weight by the hull segments on either side (a density
+    inside a segment: 1 / that segment's rate), so every layer's marginal rate is 1 at the given allocation."""
+    coefficients = {}
+    for name, (xs, ys) in table.curves.items():
+        n, d = numels[name], keep[name] / numels[name]
+        hull = lower_hull(list(zip(xs, ys, strict=True)))
+        rates = [(y0 - y1) / ((x1 - x0) * n) for (x0, y0), (x1, y1) in zip(hull, hull[1:])]
+        left = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates) if x1 <= d + 1e-12]
+        right = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates) if x0 >= d - 1e-12]
+        inside = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates) if x0 < d - 1e-12 < d + 1e-12 < x1]
+        floor = 1e-30
+        if inside:
+            rate = inside[0]
+        elif left and right:
+            rate = math.sqrt(max(left[-1], floor) * max(right[0], floor))
+        else:
+            rate = (left[-1] if left else right[0]) if (left or right) else 1.0
+        coefficients[name] = 1.0 / max(rate, floor)
+    return coefficients
+
+
+def search_directions(
+    names: Sequence[str], numels: Mapping[str, int], implied: Mapping[str, Mapping[str, float]], start: str
+) -> dict[str, dict[str, float]]:
+    """Directions in log c_l the search moves along, from the start rule's implied coefficients:
+    ``to_<rule>`` towards each other fixed rule's implied coefficients (1 reaches it), ``depth`` (first layer -1,
+    last +1: a positive step makes late layers' errors weigh more, so they keep more weights) and ``size``
+    (log numel, standardised: a positive step favours large layers)."""
+    directions = {}
+    for rule, coefficients in implied.items():
+        if rule != start:
+            directions[f"to_{rule}"] = {n: math.log(coefficients[n]) - math.log(implied[start][n]) for n in names}
+    last = max(len(names) - 1, 1)
+    directions["depth"] = {n: 2 * i / last - 1 for i, n in enumerate(names)}
+    logs = [math.log(numels[n]) for n in names]
+    mean = sum(logs) / len(logs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs)) or 1.0
+    directions["size"] = {n: (x - mean) / std for n, x in zip(names, logs, strict=True)}
+    return directions
+
+
+def minimise(
+    dense: nn.Module, sparsity: float, table: ErrorTable, coefficients: Mapping[str, float], base: Allocation
+) -> dict[str, int]:
+    """Keep counts minimising sum_l c_l e_l(d_l) at ``sparsity`` (exact budget), with ``base``'s forced layers."""
+    rule = Allocation(method="rr", keep_dense=list(base.keep_dense), overrides=list(base.overrides))
+    return allocate(dense, sparsity, rule, profile=table.scaled(coefficients))
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def uses_reconstruction(recipe: Sequence[Operator]) -> bool:
+    """Whether ``recipe`` re-solves every prunable layer (the ``reconstruct`` operator on all layers)."""
+    return any(getattr(op, "op", None) == "reconstruct" and getattr(op, "layers", None) == "all" for op in recipe)
+
+
+def search_allocation(
+    dense: nn.Module,
+    batches: Sequence[torch.Tensor],
+    sparsity: float,
+    recipe: str | Sequence[dict | Operator],
+    options: SearchOptions | None = None,
+    base: Allocation | None = None,
+    forward_s: float | None = None,
+) -> tuple[dict[str, int], SearchRecord]:
+    """Keep counts per layer at ``sparsity`` chosen by the label-free search, and the record of the search.
+
+    Args:
+        dense: the dense network (left untouched).
+        batches: this process's calibration batches.
+        sparsity: target global sparsity over prunable weights.
+        recipe: the repair the cell will run (the stand-in repair is the same recipe on fewer images).
+        options: SearchOptions.
+        base: keep_dense and overrides shared by every candidate (its method is ignored).
+        forward_s: F in seconds, if already measured (else measured here, and counted).
+    """
+    start_time = time.perf_counter()
+    options = options or SearchOptions()
+    base = base or Allocation()
+    recipe = parse_recipe(recipe)
+    timings: dict[str, float] = {}
+    if forward_s is None:
+        forward_s = calibration_forward_time(dense, list(batches))
+    numels = {layer.name: layer.numel for layer in prunable_layers(dense)}
+    fit, score = split_batches(batches, options.fit_images, options.score_images)
+
+    t = time.perf_counter()
+    dense_logits = logits_of(dense, score)
+    timings["dense_logits"] = time.perf_counter() - t
+
+    scored: dict[tuple, Candidate] = {}
+    order: list[Candidate] = []
+
+    def score_of(label: str, keep: dict[str, int]) -> Candidate:
+        key = tuple(keep[name] for name in numels)
+        if key in scored:
+            return scored[key]
+        t0 = time.perf_counter()
+        value = repaired_distance(dense, keep, fit, score, dense_logits, recipe, options.objective)
+        timings["candidates"] = timings.get("candidates", 0.0) + time.perf_counter() - t0
+        candidate = Candidate(label, dict(keep), value)
+        scored[key] = candidate
+        order.append(candidate)
+        return candidate
+
+    fixed = {}
+    for rule in FIXED_RULES:
+        rule_allocation = Allocation(method=rule, keep_dense=list(base.keep_dense), overrides=list(base.overrides))
+        fixed[rule] = allocate(dense, sparsity, rule_allocation)
+        score_of(rule, fixed[rule])
+    best = min(order, key=lambda c: (c.objective, order.index(c)))
+    start = best
+
+    t = time.perf_counter()
+    knots = {name: table_knots([fixed[r][name] for r in FIXED_RULES], n, options.factors) for name, n in numels.items()}
+    table = error_table(dense, fit, knots, reconstruct=uses_reconstruction(recipe))
+    timings["error_table"] = time.perf_counter() - t
+
+    names = list(numels)
+    implied = {r: implied_coefficients(table, fixed[r], numels) for r in FIXED_RULES}
+    base_log_c = {name: math.log(c) for name, c in implied[start.label].items()}
+    directions = search_directions(names, numels, implied, start.label)
+    alpha = dict.fromkeys(directions, 0.0)
+
+    def coefficients(a: Mapping[str, float]) -> dict[str, float]:
+        return {n: math.exp(base_log_c[n] + sum(a[k] * directions[k][n] for k in directions)) for n in names}
+
+    def try_alpha(a: dict[str, float], label: str) -> Candidate | None:
+        t0 = time.perf_counter()
+        keep = minimise(dense, sparsity, table, coefficients(a), base)
+        timings["minimise"] = timings.get("minimise", 0.0) + time.perf_counter() - t0
+        if tuple(keep[name] for name in names) in scored:
+            return None
+        return score_of(label, keep)
+
+    best_alpha: dict[str, float] | None = None
+    # pattern search: a step along +-each direction from the best point, the first improvement taken, the step
+    # halved when no direction improves
+    step, steps = options.step, 0
+    while len(order) < options.max_candidates and step >= options.min_step:
+        improved = False
+        for key in directions:
+            for sign in (1.0, -1.0):
+                if len(order) >= options.max_candidates:
+                    break
+                trial = dict(alpha)
+                trial[key] += sign * step
+                steps += 1
+                candidate = try_alpha(trial, f"table:{key}{sign * step:+g}@{steps}")
+                if candidate is not None and candidate.objective < best.objective:
+                    best, alpha, best_alpha, improved = candidate, trial, trial, True
+                    break
+            if improved:
+                break
+        if not improved:
+            step /= 2
+    best_coefficients = coefficients(best_alpha) if best_alpha is not None else {}
+
+    seconds = time.perf_counter() - start_time
+    record = SearchRecord(
+        chosen=best.label, start=start.label, objective=options.objective, candidates=order,
+        coefficients=best_coefficients, alpha=best_alpha or {}, seconds=seconds, cost_f=seconds / forward_s, forward_s=forward_s,
+        timings=timings,
+    )  # fmt: skip
+    return dict(best.keep), record

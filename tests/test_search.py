@@ -1,0 +1,232 @@
+"""The ``search`` allocation: its exact minimiser, its candidates, its budget, its determinism (also under DDP)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from lightning_repair.allocation import Allocation, allocate
+from lightning_repair.layers import prunable_layers
+from lightning_repair.search import (
+    FIXED_RULES,
+    ErrorTable,
+    SearchOptions,
+    implied_coefficients,
+    minimise,
+    output_distance,
+    search_allocation,
+    split_batches,
+)
+
+from helpers import calibrated_dense
+
+
+def three_layers() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def table_value(table: ErrorTable, scale: dict, keep: dict, numels: dict, hull: bool) -> float:
+    """sum_l c_l e_l(k_l / n_l), e_l linear between knots (or between its lower-hull knots)."""
+    from lightning_repair.allocation import lower_hull
+
+    total = 0.0
+    for name, (xs, ys) in table.curves.items():
+        points = lower_hull(list(zip(xs, ys))) if hull else list(zip(xs, ys))
+        px, py = zip(*points)
+        total += scale[name] * float(np.interp(keep[name] / numels[name], px, py))
+    return total
+
+
+def random_table(model: nn.Module, seed: int, convex: bool) -> ErrorTable:
+    rng = np.random.default_rng(seed)
+    curves = {}
+    for layer in prunable_layers(model):
+        xs = sorted({0.0, 1.0, *np.round(rng.uniform(0.05, 0.95, 3), 3).tolist()})
+        if convex:  # decreasing, convex: decreasing slopes' magnitudes
+            slopes = np.sort(rng.uniform(0.1, 3.0, len(xs) - 1))[::-1]
+            ys = [float(sum(s * (b - a) for s, a, b in zip(slopes[i:], xs[i:-1], xs[i + 1 :]))) for i in range(len(xs))]
+        else:
+            ys = sorted(rng.uniform(0, 2, len(xs) - 1).tolist(), reverse=True) + [0.0]
+        curves[layer.name] = (xs, ys)
+    return ErrorTable(curves)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("convex", [True, False])
+def test_minimiser_equals_brute_force(seed, convex):
+    model = three_layers()
+    layers = prunable_layers(model)
+    numels = {layer.name: layer.numel for layer in layers}
+    table = random_table(model, seed, convex)
+    rng = np.random.default_rng(100 + seed)
+    scale = {name: float(rng.uniform(0.2, 5.0)) for name in numels}
+    total = sum(numels.values())
+    for sparsity in (0.3, 0.5, 0.8):
+        keep = minimise(model, sparsity, table, scale, Allocation())
+        budget = round((1 - sparsity) * total)
+        assert sum(keep.values()) == budget
+        names = list(numels)
+        best = min(
+            table_value(table, scale, dict(zip(names, ks)), numels, hull=True)
+            for ks in itertools.product(*(range(numels[n] + 1) for n in names))
+            if sum(ks) == budget
+        )
+        found = table_value(table, scale, keep, numels, hull=True)
+        # the Lagrangian is exact on the hull up to rounding one layer's fractional weight: at most one weight
+        # times the steepest hull rate
+        steepest = max(
+            scale[n] * (ys[0] - ys[1]) / ((xs[1] - xs[0]) * numels[n]) for n, (xs, ys) in table.curves.items()
+        )
+        assert best - 1e-9 <= found <= best + steepest + 1e-9
+        if convex:  # the hull is the curve: the original objective's brute-force optimum is reached too
+            raw_best = min(
+                table_value(table, scale, dict(zip(names, ks)), numels, hull=False)
+                for ks in itertools.product(*(range(numels[n] + 1) for n in names))
+                if sum(ks) == budget
+            )
+            assert found <= raw_best + steepest + 1e-9
+
+
+def test_implied_coefficients_reproduce_the_allocation():
+    model = three_layers()
+    numels = {layer.name: layer.numel for layer in prunable_layers(model)}
+    # strictly convex curves with a knot at every keep count: every count is a hull vertex
+    curves = {}
+    for i, (name, n) in enumerate(numels.items()):
+        xs = [k / n for k in range(n + 1)]
+        curves[name] = (xs, [(1 - x) ** (2 + i) for x in xs])
+    table = ErrorTable(curves)
+    for keep in ({"0": 10, "2": 6, "4": 3}, {"0": 2, "2": 11, "4": 6}, {"0": 19, "2": 1, "4": 1}):
+        budget = sum(keep.values())
+        sparsity = 1 - budget / sum(numels.values())
+        found = minimise(model, sparsity, table, implied_coefficients(table, keep, numels), Allocation())
+        assert found == keep
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 3, 16, 16, generator=g) for _ in range(4)]
+
+
+OPTIONS = SearchOptions(fit_images=32, score_images=32, max_candidates=6)
+
+
+@pytest.mark.parametrize("recipe", ["reconstruct_dense_bn", "default"])
+def test_fixed_rules_are_candidates_and_never_beaten_by_the_choice(recipe, data):
+    dense = calibrated_dense()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    sparsity = 0.9
+    keep, record = search_allocation(dense, data, sparsity, recipe, OPTIONS)
+    labels = [c.label for c in record.candidates]
+    assert labels[:3] == list(FIXED_RULES)
+    for rule in FIXED_RULES:
+        assert record.candidates[labels.index(rule)].keep == allocate(dense, sparsity, Allocation(method=rule))
+    objectives = [c.objective for c in record.candidates]
+    assert record.best.objective == min(objectives)
+    assert record.best.objective <= min(objectives[:3])
+    assert record.start == min(FIXED_RULES, key=lambda r: objectives[labels.index(r)])
+    assert keep == record.best.keep
+    assert len(record.candidates) <= OPTIONS.max_candidates
+    assert len({tuple(c.keep.values()) for c in record.candidates}) == len(record.candidates)  # none scored twice
+    assert record.cost_f > 0
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())  # dense untouched
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.93, 0.97])
+def test_budget_is_exact(sparsity, data):
+    dense = calibrated_dense()
+    keep, record = search_allocation(dense, data, sparsity, "reconstruct_dense_bn", OPTIONS)
+    total = sum(layer.numel for layer in prunable_layers(dense))
+    assert sum(keep.values()) == round((1 - sparsity) * total)
+    for candidate in record.candidates:
+        assert sum(candidate.keep.values()) == round((1 - sparsity) * total)
+
+
+def test_forced_layers_are_honoured(data):
+    dense = calibrated_dense()
+    base = Allocation(keep_dense=["role:first"])
+    keep, record = search_allocation(dense, data, 0.9, "reconstruct_dense_bn", OPTIONS, base=base)
+    first = next(layer for layer in prunable_layers(dense) if layer.role == "first")
+    assert all(c.keep[first.name] == first.numel for c in record.candidates)
+
+
+def test_deterministic(data):
+    dense = calibrated_dense()
+    runs = [search_allocation(dense, data, 0.95, "reconstruct_dense_bn", OPTIONS) for _ in range(2)]
+    (keep_a, rec_a), (keep_b, rec_b) = runs
+    assert keep_a == keep_b
+    assert [(c.label, c.keep, c.objective) for c in rec_a.candidates] == [
+        (c.label, c.keep, c.objective) for c in rec_b.candidates
+    ]
+
+
+def test_search_moves_when_a_candidate_beats_the_fixed_rules(data):
+    """Given room, the pattern search scores candidates beyond the fixed rules, all from the error table."""
+    dense = calibrated_dense()
+    _, record = search_allocation(dense, data, 0.95, "reconstruct_dense_bn", OPTIONS)
+    assert len(record.candidates) > len(FIXED_RULES)
+    assert all(c.label.startswith("table:") for c in record.candidates[3:])
+
+
+def test_output_distance():
+    model = nn.Linear(4, 3)
+    x = [torch.randn(5, 4), torch.randn(3, 4)]
+    ref = [model(b).detach() for b in x]
+    assert output_distance(model, x, ref, "kl") == pytest.approx(0.0, abs=1e-12)
+    shifted = [r + torch.tensor([1.0, 0.0, 0.0]) for r in ref]
+    assert output_distance(model, x, shifted, "mse") == pytest.approx(1.0)
+    # KL(p || q) by hand on one image
+    one = [torch.zeros(1, 4)]
+    target = [torch.tensor([[2.0, 0.0, -1.0]])]
+    q = torch.softmax(model(one[0]).detach().double(), 1)
+    p = torch.softmax(target[0].double(), 1)
+    assert output_distance(model, one, target, "kl") == pytest.approx(float((p * (p / q).log()).sum()))
+
+
+def test_split_batches():
+    batches = [torch.arange(10.0).view(10, 1, 1, 1)[i : i + 4] for i in (0, 4, 8)]
+    fit, score = split_batches(batches, 3, 5)
+    assert torch.cat(fit).flatten().tolist() == [0, 1, 2]
+    assert torch.cat(score).flatten().tolist() == [5, 6, 7, 8, 9]
+    assert all(len(b) <= 4 for b in fit + score)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="objective"):
+        SearchOptions(objective="l1")
+    with pytest.raises(ValueError, match="max_candidates"):
+        SearchOptions(max_candidates=2)
+    with pytest.raises(ValueError, match="min_step"):
+        SearchOptions(step=0.1, min_step=0.2)
+
+
+def _ddp_search(rank: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        dense = calibrated_dense()
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(64, 3, 16, 16, generator=g)
+        shard = images[:32] if rank == 0 else images[32:]
+        keep, record = search_allocation(dense, list(shard.split(16)), 0.95, "reconstruct_dense_bn", OPTIONS)
+        torch.save({"keep": keep, "objectives": [c.objective for c in record.candidates]}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_choose_the_same(tmp_path):
+    mp.spawn(_ddp_search, args=(str(tmp_path),), nprocs=2, join=True)
+    a, b = (torch.load(Path(tmp_path, f"rank{r}.pt")) for r in (0, 1))
+    assert a["keep"] == b["keep"]
+    assert a["objectives"] == b["objectives"]
+    assert len(a["objectives"]) >= len(FIXED_RULES) and all(math.isfinite(v) for v in a["objectives"])
