@@ -2,7 +2,8 @@
 dense logits, against test top-1, over the transition grids (global/ERK/LAMP x sparsity x repair).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_objective.py --network resnet18 \
-        [--sparsities 0.9 0.92 ...] [--repairs reconstruct_dense_bn default] [--output benchmarks/results/search_objective.csv]
+        [--sparsities 0.9 0.92 ...] [--repairs reconstruct_dense_bn default] \
+        [--output benchmarks/results/search_objective.csv]
     .venv/bin/python benchmarks/search_objective.py --report   # the rank correlations from the CSV
 
 Per cell: the full repair (all 1024 calibration images) and its test top-1; its KL and MSE on the same calibration
@@ -27,7 +28,8 @@ from search_setup import NETWORKS, held_out_batches, load, read_rows, spearman, 
 
 from lightning_repair.allocation import Allocation, allocate  # noqa: E402
 from lightning_repair.masks import apply_masks, compute_masks  # noqa: E402
-from lightning_repair.repair import parse_recipe, repair  # noqa: E402
+from lightning_repair.operators import parse_recipe  # noqa: E402
+from lightning_repair.repair import repair  # noqa: E402
 from lightning_repair.search import logits_of, output_distance, split_batches, stand_in  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,7 +45,10 @@ OBJECTIVES = [f"{o}_{w}" for w in ("same", "held", "stand", "stand512") for o in
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| network | repair | cells | " + " | ".join(OBJECTIVES) + " |", "|---|---|---|" + "---|" * len(OBJECTIVES)]
+    lines = [
+        "| network | repair | cells | " + " | ".join(OBJECTIVES) + " |",
+        "|---|---|---|" + "---|" * len(OBJECTIVES),
+    ]
     groups = sorted({(r["network"], r["repair"]) for r in rows})
     for network, recipe in groups:
         cells = [r for r in rows if (r["network"], r["repair"]) == (network, recipe)]
@@ -90,7 +95,10 @@ for recipe_name, sparsity, method in itertools.product(args.repairs, args.sparsi
     for o in ("kl", "mse"):
         row[f"{o}_same"] = output_distance(model, calibration, dense_cal, o)
         row[f"{o}_held"] = output_distance(model, held, dense_held, o)
-    for suffix, fit, score, ref in (("stand", fit256, score256, dense_s256), ("stand512", fit512, score512, dense_s512)):
+    for suffix, fit, score, ref in (
+        ("stand", fit256, score256, dense_s256),
+        ("stand512", fit512, score512, dense_s512),
+    ):
         fitted = stand_in(dense, keep, fit, recipe)
         for o in ("kl", "mse"):
             row[f"{o}_{suffix}"] = output_distance(fitted, score, ref, o)

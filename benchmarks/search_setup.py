@@ -10,7 +10,7 @@ import yaml
 
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.evaluation import evaluate
-from lightning_repair.pipeline import load_calibration, load_dense
+from lightning_repair.models import load_dense
 
 NETWORKS = {
     "resnet18": "configs/sweep/fashion_mnist_transition.yaml",
@@ -24,8 +24,9 @@ def load(network: str, device: str = "cpu"):
     config = yaml.safe_load(Path(NETWORKS[network]).read_text())
     args = config["model"]["init_args"]
     dm = ImageDataModule(**config["data"])
-    dense = load_dense(args["network"], args["checkpoint"], dm, device)
-    calibration = load_calibration(dm, device)
+    dm.setup("fit")
+    dense = load_dense(args["network"], args["checkpoint"], device, dm.hparams.dataset, dm.info)
+    calibration = dm.calibration_batches(device)
     test = lambda model: evaluate(model, dm.evaluation_dataloader(), device)["top1"]  # noqa: E731
     return dense, dm, calibration, test
 
@@ -75,6 +76,6 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
     rx, ry = ranks(xs), ranks(ys)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=False))
     vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
     return cov / (vx * vy) ** 0.5 if vx and vy else float("nan")

@@ -41,7 +41,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .allocation import Allocation, allocate, lower_hull
@@ -49,7 +48,8 @@ from .diagnostics import _damage, _reconstruction_residuals, _stream, magnitude_
 from .evaluation import calibration_forward_time
 from .layers import prunable_layers
 from .masks import apply_masks, compute_masks
-from .repair import Operator, parse_recipe, repair
+from .operators import Operator, parse_recipe
+from .repair import repair
 from .stats import all_reduce_sum
 
 FIXED_RULES = ("global", "erk", "lamp")
@@ -148,7 +148,9 @@ class SearchRecord:
 # ----------------------------------------------------------------------------- the objective
 
 
-def split_batches(batches: Sequence[torch.Tensor], first: int, last: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def split_batches(
+    batches: Sequence[torch.Tensor], first: int, last: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The first ``first`` and the last ``last`` images of ``batches`` (this process's share under DDP: each
     process takes the same fraction of its own shard), re-batched with the original batch size."""
     images = torch.cat(list(batches))
@@ -185,7 +187,7 @@ def output_distance(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {OBJECTIVES}")
     total = torch.zeros(2, dtype=torch.float64, device=dense_logits[0].device)
-    for out, ref in zip(logits_of(model, batches), dense_logits, strict=True):
+    for out, ref in zip(logits_of(model, batches), dense_logits, strict=False):
         out, ref = out.double(), ref.double()
         if objective == "kl":
             p = ref.log_softmax(1)
@@ -247,9 +249,9 @@ def error_table(
     (``reconstruct``) or by the least-squares channel-wise affine fit, on the dense input (diagnostics.py)."""
     layers = prunable_layers(dense)
     counts = [sorted({k for k in keeps[layer.name] if 0 < k < layer.numel}) for layer in layers]
-    counts = [ks or [max(1, layer.numel // 2)] for ks, layer in zip(counts, layers, strict=True)]
+    counts = [ks or [max(1, layer.numel // 2)] for ks, layer in zip(counts, layers, strict=False)]
     ranks = [magnitude_ranks(layer.module.weight) for layer in layers]
-    masks = [[rank < k for k in ks] for rank, ks in zip(ranks, counts, strict=True)]
+    masks = [[rank < k for k in ks] for rank, ks in zip(ranks, counts, strict=False)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         moments, _, grams = _stream(dense, batches, layers, masks, with_grams=reconstruct)
@@ -279,11 +281,13 @@ def implied_coefficients(table: ErrorTable, keep: Mapping[str, int], numels: Map
     coefficients = {}
     for name, (xs, ys) in table.curves.items():
         n, d = numels[name], keep[name] / numels[name]
-        hull = lower_hull(list(zip(xs, ys, strict=True)))
-        rates = [(y0 - y1) / ((x1 - x0) * n) for (x0, y0), (x1, y1) in zip(hull, hull[1:])]
-        left = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates) if x1 <= d + 1e-12]
-        right = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates) if x0 >= d - 1e-12]
-        inside = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates) if x0 < d - 1e-12 < d + 1e-12 < x1]
+        hull = lower_hull(list(zip(xs, ys, strict=False)))
+        rates = [(y0 - y1) / ((x1 - x0) * n) for (x0, y0), (x1, y1) in zip(hull, hull[1:], strict=False)]
+        left = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates, strict=False) if x1 <= d + 1e-12]
+        right = [r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates, strict=False) if x0 >= d - 1e-12]
+        inside = [
+            r for (x0, _), (x1, _), r in zip(hull, hull[1:], rates, strict=False) if x0 < d - 1e-12 < d + 1e-12 < x1
+        ]
         floor = 1e-30
         if inside:
             rate = inside[0]
@@ -311,7 +315,7 @@ def search_directions(
     logs = [math.log(numels[n]) for n in names]
     mean = sum(logs) / len(logs)
     std = math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs)) or 1.0
-    directions["size"] = {n: (x - mean) / std for n, x in zip(names, logs, strict=True)}
+    directions["size"] = {n: (x - mean) / std for n, x in zip(names, logs, strict=False)}
     return directions
 
 
@@ -436,7 +440,7 @@ def search_allocation(
     seconds = time.perf_counter() - start_time
     record = SearchRecord(
         chosen=best.label, start=start.label, objective=options.objective, candidates=order,
-        coefficients=best_coefficients, alpha=best_alpha or {}, seconds=seconds, cost_f=seconds / forward_s, forward_s=forward_s,
+        coefficients=best_coefficients, alpha=best_alpha or {}, seconds=seconds, cost_f=seconds / forward_s, forward_s=forward_s,  # noqa: E501
         timings=timings,
     )  # fmt: skip
     return dict(best.keep), record

@@ -40,8 +40,8 @@ def table_value(table: ErrorTable, scale: dict, keep: dict, numels: dict, hull: 
 
     total = 0.0
     for name, (xs, ys) in table.curves.items():
-        points = lower_hull(list(zip(xs, ys))) if hull else list(zip(xs, ys))
-        px, py = zip(*points)
+        points = lower_hull(list(zip(xs, ys, strict=False))) if hull else list(zip(xs, ys, strict=False))
+        px, py = zip(*points, strict=False)
         total += scale[name] * float(np.interp(keep[name] / numels[name], px, py))
     return total
 
@@ -53,7 +53,10 @@ def random_table(model: nn.Module, seed: int, convex: bool) -> ErrorTable:
         xs = sorted({0.0, 1.0, *np.round(rng.uniform(0.05, 0.95, 3), 3).tolist()})
         if convex:  # decreasing, convex: decreasing slopes' magnitudes
             slopes = np.sort(rng.uniform(0.1, 3.0, len(xs) - 1))[::-1]
-            ys = [float(sum(s * (b - a) for s, a, b in zip(slopes[i:], xs[i:-1], xs[i + 1 :]))) for i in range(len(xs))]
+            ys = [
+                float(sum(s * (b - a) for s, a, b in zip(slopes[i:], xs[i:-1], xs[i + 1 :], strict=False)))
+                for i in range(len(xs))
+            ]
         else:
             ys = sorted(rng.uniform(0, 2, len(xs) - 1).tolist(), reverse=True) + [0.0]
         curves[layer.name] = (xs, ys)
@@ -76,7 +79,7 @@ def test_minimiser_equals_brute_force(seed, convex):
         assert sum(keep.values()) == budget
         names = list(numels)
         best = min(
-            table_value(table, scale, dict(zip(names, ks)), numels, hull=True)
+            table_value(table, scale, dict(zip(names, ks, strict=False)), numels, hull=True)
             for ks in itertools.product(*(range(numels[n] + 1) for n in names))
             if sum(ks) == budget
         )
@@ -89,7 +92,7 @@ def test_minimiser_equals_brute_force(seed, convex):
         assert best - 1e-9 <= found <= best + steepest + 1e-9
         if convex:  # the hull is the curve: the original objective's brute-force optimum is reached too
             raw_best = min(
-                table_value(table, scale, dict(zip(names, ks)), numels, hull=False)
+                table_value(table, scale, dict(zip(names, ks, strict=False)), numels, hull=False)
                 for ks in itertools.product(*(range(numels[n] + 1) for n in names))
                 if sum(ks) == budget
             )
