@@ -90,6 +90,8 @@ for arch in ("resnet18", "resnet50"):
     for rule in args.mask:
         name = f"reconstruct+{rule}"
         selection = reports[name].timings.get("mask_selection", 0.0) / forward
-        relative = (f", {ratios[list(RECIPES).index(name)] / ratios[list(RECIPES).index('reconstruct')]:.2f}x reconstruct"
-                    if "reconstruct" in RECIPES else "")  # fmt: skip
+        relative = ""
+        if "reconstruct" in RECIPES:
+            ratio = ratios[list(RECIPES).index(name)] / ratios[list(RECIPES).index("reconstruct")]
+            relative = f", {ratio:.2f}x reconstruct"
         print(f"{'':<10} {name} ({args.mask_gram} Gram): mask selection {selection:.2f}F{relative}")
