@@ -207,6 +207,7 @@ def _greedy_rows(w: torch.Tensor, hinv: torch.Tensor) -> tuple[torch.Tensor, tor
         w -= h * (w[rows, j] / d)[:, None]
         removed[rows, j] = True
         w.masked_fill_(removed, 0)  # already 0 up to rounding
-        if step < k - 1:
-            hinv -= (h / d.sqrt()[:, None]).unsqueeze(2) * (h / d.sqrt()[:, None]).unsqueeze(1)
+        if step < k - 1:  # in place, one pass over H^-1: the step's cost is this memory traffic
+            u = h / d.sqrt()[:, None]
+            hinv.baddbmm_(u.unsqueeze(2), u.unsqueeze(1), alpha=-1)
     return losses, order
