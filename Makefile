@@ -1,12 +1,13 @@
 # Two entry points, each creating/updating its own environment in .venv:
 #   make quickstart   prune + repair the shipped Fashion-MNIST ResNet-18 (configs/quickstart.yaml)
 #   make test         the test suite (CPU, tiny models, generated data)
+#   make test-fast    the core's tests only, without whole-command runs (about a minute)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: quickstart test fashion-mnist benchmark
+.PHONY: quickstart test test-fast fashion-mnist benchmark
 
 # apt-get install as root or through sudo, refreshing the package lists once if a package is not found
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); apt_install() { $$SUDO apt-get install -y -qq "$$@" || \
@@ -28,7 +29,11 @@ quickstart: $(BIN)/lightning-repair fashion-mnist
 	$(BIN)/lightning-repair fit --config configs/quickstart.yaml
 
 test: $(BIN)/lightning-repair
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# the core's tests only (no whole-command runs, no multi-process runs): about a minute
+test-fast: $(BIN)/lightning-repair
+	$(BIN)/python -m pytest -q -m "not cli and not ddp" --durations=10
 
 benchmark: $(BIN)/lightning-repair fashion-mnist
 	$(BIN)/lightning-repair-sweep --config configs/sweep/fashion_mnist_transition.yaml

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .layers import ROLES, PrunableLayer, prunable_layers
+from .utils import is_real
 
 if TYPE_CHECKING:
     from .diagnostics import RRProfile
@@ -69,7 +70,7 @@ class Override:
             raise TypeError(f"override select must be a string (role:<role> or a name regex), got {self.select!r}")
         for name in ("sparsity", "max_density"):
             value = getattr(self, name)
-            if value is not None and not _is_number(value):
+            if value is not None and not is_real(value):
                 raise TypeError(f"override {self.select!r}: {name} must be a number, got {value!r}")
         if (self.sparsity is None) == (self.max_density is None):
             raise ValueError(f"override {self.select!r}: give exactly one of sparsity or max_density")
@@ -103,7 +104,7 @@ class Allocation:
             raise ValueError(f"allocation.method: unknown method {self.method!r}; choose from {sorted(ALLOCATIONS)}")
         for name in ("power", "rr_power"):
             value = getattr(self, name)
-            if not _is_number(value):
+            if not is_real(value):
                 raise TypeError(f"allocation.{name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"allocation.{name} must be finite, got {value}")
@@ -115,8 +116,18 @@ class Allocation:
         self.rules = [Override(s, sparsity=0.0) for s in self.keep_dense] + self.overrides
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def as_allocation(value: str | Mapping | Allocation | None) -> Allocation:
+    """An ``Allocation`` from a method name, a dict of its options, or itself (None: the default, ERK)."""
+    if value is None or isinstance(value, Allocation):
+        return value or Allocation()
+    if isinstance(value, str):
+        return Allocation(method=value)
+    if isinstance(value, Mapping):
+        try:
+            return Allocation(**value)
+        except TypeError as err:
+            raise ValueError(f"allocation: {err}") from err
+    raise TypeError(f"allocation must be a method name, a dict of options or an Allocation, got {value!r}")
 
 
 def _override(index: int, rule: Override | Mapping) -> Override:
@@ -163,16 +174,21 @@ def register(name: str, needs_profile: bool = False) -> Callable[[Method], Metho
 
 
 def allocate(
-    model: nn.Module, sparsity: float, allocation: Allocation | None = None, profile: RRProfile | None = None
+    model: nn.Module,
+    sparsity: float,
+    allocation: str | Mapping | Allocation | None = None,
+    profile: RRProfile | None = None,
 ) -> dict[str, int]:
     """Keep count of every prunable layer so that global sparsity over prunable weights is ``sparsity``.
 
+    ``allocation`` is a method name (``"lamp"``), a dict of ``Allocation`` options or an ``Allocation``;
+    default ERK.
     ``profile`` (``diagnostics.rr_profile`` of ``model``) is required by the RR-guided methods, ignored by others.
     When the forced and dense layers use the whole budget, the free layers keep nothing (emptied, as a forced
     sparsity of 1 would); a target that needs more weights than the free layers can hold, or fewer than the
     forced layers keep, is refused.
     """
-    allocation = allocation or Allocation()
+    allocation = as_allocation(allocation)
     method = ALLOCATIONS[allocation.method]
     if allocation.method in PROFILE_METHODS:
         if profile is None:
@@ -181,8 +197,8 @@ def allocate(
                 "allocate(..., profile=diagnostics.rr_profile(model, calibration_batches))"
             )
         method = partial(method, profile=profile)
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not is_real(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     layers = prunable_layers(model)
     forced: dict[str, int] = {}
     caps = {layer.name: layer.numel for layer in layers}

@@ -10,9 +10,10 @@ test sample is counted exactly once under DDP.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     location: str | None = None  # the folder the images were read from (build_datasets); None: generated
+    resize: int | None = None  # test images: resized to this (shorter side), then center-cropped to image_size
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -45,6 +47,17 @@ DATASETS: dict[str, DatasetInfo] = {
     "imagefolder": DatasetInfo(0, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": DatasetInfo(10, 3, 16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+
+
+def dataset_info(name: str, rgb: bool = False) -> DatasetInfo:
+    """A dataset's shape and normalisation without reading it (``rgb``: a grayscale dataset as 3 equal channels, as
+    ``build_datasets`` gives it); imagefolder's classes are only known from its folders (0 here)."""
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset: unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    info = DATASETS[name]
+    if rgb and info.in_channels == 1:
+        info = DatasetInfo(info.num_classes, 3, info.image_size, info.mean * 3, info.std * 3)
+    return info
 
 
 class TensorImages(Dataset):
@@ -138,9 +151,10 @@ def find_fashion_mnist(data_dir: str | Path, download: bool) -> Path:
 
 def _transforms(info: DatasetInfo, train: bool, rgb: bool = False) -> v2.Compose:
     steps: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    big = info.image_size >= 64
+    big = info.image_size >= 64 or info.resize is not None  # resized and cropped (imagefolder, imagenette)
     if big:
-        steps.insert(0, v2.RandomResizedCrop(info.image_size) if train else v2.Resize(int(info.image_size * 8 / 7)))
+        resize = info.resize or int(info.image_size * 8 / 7)  # ImageNet's 256 for 224
+        steps.insert(0, v2.RandomResizedCrop(info.image_size) if train else v2.Resize(resize))
         if not train:
             steps.insert(1, v2.CenterCrop(info.image_size))
     elif train:
@@ -156,16 +170,23 @@ def _transforms(info: DatasetInfo, train: bool, rgb: bool = False) -> v2.Compose
 def build_datasets(
     name: str, data_dir: str | Path = "data", download: bool = False, augment: bool = False,
     synthetic_sizes: Sequence[int] = (512, 257), synthetic_shape: Sequence[int] | None = None, rgb: bool = False,
+    image: Mapping[str, Any] | None = None,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:  # fmt: skip
     """Labeled (train, test) datasets and their info; ``augment`` applies to train only; ``rgb`` gives a grayscale
     dataset's images as 3 equal channels.
 
     ``synthetic_shape`` (num_classes, in_channels, image_size) gives the synthetic dataset another
-    dataset's shape, e.g. to smoke-test a config written for it.
+    dataset's shape, e.g. to smoke-test a config written for it. ``image`` overrides imagefolder's and imagenette's
+    ``image_size``, ``resize``, ``mean`` and ``std`` (ImageNet's 224, 256 and statistics by default).
     """
     if name not in DATASETS:
         raise ValueError(f"data.dataset: unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     info = DATASETS[name]
+    overrides = {k: (tuple(v) if k in ("mean", "std") else v) for k, v in (image or {}).items() if v is not None}
+    if overrides:
+        info = replace(info, **overrides)
+    if name in ("imagefolder", "imagenette") and info.resize is None:
+        info = replace(info, resize=int(info.image_size * 8 / 7))  # images of any size: always resized and cropped
     root = Path(data_dir)
     if name == "synthetic":
         if synthetic_shape is not None:
@@ -212,7 +233,7 @@ def build_datasets(
         raise ValueError(
             f"imagefolder: {folders['val']} has classes {test.classes} but {folders['train']} has {train.classes}"
         )
-    info = DatasetInfo(len(train.classes), info.in_channels, info.image_size, info.mean, info.std, str(root))
+    info = replace(info, num_classes=len(train.classes), location=str(root))
     return train, test, info
 
 

@@ -11,7 +11,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from torchmetrics.classification import MulticlassAccuracy
 
 from .layers import prunable_layers
-from .models import Network, NetworkSpec, build_network, output_classes
+from .models import METADATA_KEY, Network, NetworkSpec, build_network, checkpoint_metadata, output_classes
 from .regularizers import var_penalty, wcr_penalty
 
 
@@ -80,6 +80,14 @@ class DenseClassifier(pl.LightningModule):
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     test_step = validation_step
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The checkpoint records the network and the input normalisation as plain data, so that ``lightning-repair
+        fit --model.checkpoint`` and ``lightning_repair.load`` build the right model from the file alone."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        info = getattr(dm, "info", None)
+        dataset = getattr(getattr(dm, "hparams", None), "dataset", None)
+        checkpoint[METADATA_KEY] = checkpoint_metadata(self.hparams.network, info, dataset)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -46,14 +46,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .layers import PrunableLayer, prunable_layers
 from .operators import Reconstruct, VarianceMatching
 from .reconstruction import LayerStatistics, chunk_statistics, reconstruct_layer
-from .stats import Moments
+from .stats import Moments, count_over_processes
+from .utils import eval_mode
 
 RR_REPAIRS = ("vm", "ls", "asr", "reconstruct")
 RR_RECONSTRUCT_DAMPING = Reconstruct.damping  # the reconstruct operator's default
@@ -264,17 +264,15 @@ def _stream(
         return fold
 
     handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    was_training = model.training
     images = 0
     try:
-        model.eval()
-        for batch in batches:
-            model(batch)
-            images += batch.shape[0]
+        with eval_mode(model):
+            for batch in batches:
+                model(batch)
+                images += batch.shape[0]
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     unseen = [layer.name for layer, m in zip(layers, totals, strict=True) if m is None]
     if unseen:
         raise ValueError(f"no calibration data reached layers {unseen} (an empty loader, or layers forward skips)")
@@ -286,7 +284,7 @@ def _stream(
         grams = [
             g.all_reduce().check_finite(f"RR profile of {layer.name}") for layer, g in zip(layers, grams, strict=True)
         ]
-    return moments, _global_sum(images, moments[0].count.device), grams if with_grams else None
+    return moments, count_over_processes(images, moments[0].count.device), grams if with_grams else None
 
 
 def _reconstruction_residuals(
@@ -340,14 +338,6 @@ def _channel_sum(a: torch.Tensor) -> torch.Tensor:
 def _channel_square_sum(a: torch.Tensor) -> torch.Tensor:
     """Per channel, the sum of squares: float32 norms per (sample, channel), squared and summed in float64."""
     return torch.linalg.vector_norm(a.reshape(a.shape[0], a.shape[1], -1), dim=2).double().square().sum(0)
-
-
-def _global_sum(value: int, device: torch.device) -> int:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        total = torch.tensor(float(value), dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        return int(total.item())
-    return value
 
 
 def _damage(

@@ -3,12 +3,21 @@
 Every file is written to a temporary name in the same folder and renamed into place, so
 an interrupted run leaves either the previous file or the complete new one, never a part.
 
-Loading an exported model into its architecture (the run's ``model.network``)::
+Both files are ``torch.save`` dicts of plain data, read with ``torch.load(path, weights_only=True)``::
 
-    model = Network(arch="resnet18", num_classes=10, in_channels=1, stem="cifar", width=0.25).build()
-    load_weights(model, "repaired.pt")                      # dense-shaped state_dict
-    load_weights(model, load_sparse("repaired.sparse.pt"))  # compact: kept values + packed masks
-    # or load_weights(model, load_exported(path)) for either; inputs normalised as in data.DATASETS
+    {"state_dict": {name: tensor, ...},       # repaired.pt: the dense-shaped weights, pruned ones stored as zeros
+     "lightning_repair": {"format": 1,        # what the checkpoint is (models.checkpoint_metadata)
+                          "network": {"arch": "resnet18", ...} or {"class_path": ..., "init_args": {...}},
+                          "input": {"dataset": ..., "channels": 1, "image_size": 28, "mean": [...], "std": [...]}}}
+
+``repaired.sparse.pt`` holds the same, with each pruned weight ``W`` stored as three entries: ``W::values`` (the
+kept values, in row-major order), ``W::mask`` (uint8, the mask bit-packed 8 per byte, little-endian bit order) and
+``W::shape`` (int64). ``load(path)`` gives the model ready to use::
+
+    model, normalize = lightning_repair.load("repaired.pt")   # or repaired.sparse.pt; in eval mode
+    logits = model(normalize(images))                         # images: float in [0, 1], (N, C, H, W)
+
+and ``load_weights(model, load_exported(path))`` loads either file into a model built otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +33,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import CheckpointMismatchError
+from .models import (
+    METADATA_KEY,
+    CheckpointMismatchError,
+    build_network,
+    check_recorded_network,
+    check_running_stats,
+    load_weights,
+)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read the process umask once: os.umask can only read it by setting it
@@ -133,28 +149,87 @@ def _safe_load(path: str | Path, what: str):
         raise CheckpointMismatchError(f"cannot read {what} {path}: {err}") from err
 
 
+def _read(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A file's state_dict (as stored: sparse entries kept) and its metadata (None for a bare state_dict)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    obj = _safe_load(path, what)
+    metadata = None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        metadata, obj = obj.get(METADATA_KEY), obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatchError(f"{path} holds no state_dict of tensors")
+    if obj and all(k.startswith("model.") for k in obj):  # a Lightning checkpoint
+        obj = {k.removeprefix("model."): v for k, v in obj.items()}
+    return obj, metadata
+
+
 def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a compact sparse file (``weights_only=True``) as a dense-shaped state_dict."""
-    return dense_from_sparse(_safe_load(path, "sparse checkpoint"))
+    return dense_from_sparse(_read(path, "sparse checkpoint")[0])
 
 
 def load_exported(path: str | Path) -> dict[str, torch.Tensor]:
     """Either file ``export`` writes (or any plain state_dict), as a dense-shaped state_dict."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    state = _safe_load(path, "model file")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatchError(f"{path} holds no state_dict of tensors")
-    return dense_from_sparse(state)
+    return dense_from_sparse(_read(path, "model file")[0])
 
 
-def export(model: nn.Module, masks: dict[str, torch.Tensor], folder: str | Path, stem: str = "repaired") -> dict:
+def read_metadata(path: str | Path) -> dict | None:
+    """What a checkpoint records about itself (``models.checkpoint_metadata``), or None for a bare state_dict."""
+    return _read(path, "model file")[1]
+
+
+class Normalize:
+    """The input transform a checkpoint records: images as floats in [0, 1], (N, C, H, W) or (C, H, W); a
+    single-channel image is repeated for a 3-channel model; then (x - mean) / std per channel. ``mean``, ``std``,
+    ``channels`` and ``image_size`` are the recorded values (the image size the model was trained at)."""
+
+    def __init__(self, mean: list[float], std: list[float], channels: int, image_size: int | None = None):
+        self.mean, self.std, self.channels, self.image_size = list(mean), list(std), channels, image_size
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        axis = images.dim() - 3
+        if images.shape[axis] == 1 and self.channels == 3:
+            images = images.repeat_interleave(3, dim=axis)
+        shape = [-1, 1, 1]
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(shape)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(shape)
+        return (images - mean) / std
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std}, channels={self.channels}, image_size={self.image_size})"
+
+
+def load(path: str | Path, network=None) -> tuple[nn.Module, Normalize | None]:
+    """The model a checkpoint holds, built from the network it records and in eval mode, and the normalisation to
+    apply to its inputs (None when the file does not record it). Reads ``repaired.pt``, ``repaired.sparse.pt``, the
+    shipped checkpoints and Lightning checkpoints of dense training (``weights_only=True``: no code is run). A bare
+    state_dict needs ``network`` (a spec as in ``model.network``); a given one must agree with a recorded one."""
+    state, metadata = _read(path, "model file")
+    recorded = (metadata or {}).get("network")
+    if network is None and recorded is None:
+        raise CheckpointMismatchError(f"{path} records no network (a bare state_dict): pass network=")
+    if network is not None:
+        check_recorded_network(network, recorded, path, what="network=")
+    model = build_network(network if network is not None else recorded)
+    check_running_stats(model)
+    load_weights(model, dense_from_sparse(state))
+    data = (metadata or {}).get("input")
+    normalize = Normalize(data["mean"], data["std"], data["channels"], data.get("image_size")) if data else None
+    return model.eval(), normalize
+
+
+def export(model: nn.Module, masks: dict[str, torch.Tensor], folder: str | Path, stem: str = "repaired",
+           metadata: dict | None = None) -> dict:  # fmt: skip
     """Write ``<stem>.pt`` (dense-shaped state_dict) and ``<stem>.sparse.pt``; return their paths and sizes on
-    disk in bytes (``dense_bytes``, ``sparse_bytes``) and ``ratio`` = sparse / dense."""
+    disk in bytes (``dense_bytes``, ``sparse_bytes``) and ``ratio`` = sparse / dense. With ``metadata``
+    (``models.checkpoint_metadata``), each file is ``{"state_dict": ..., "lightning_repair": metadata}``; without,
+    a bare state_dict."""
     folder = Path(folder)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    dense_path = atomic_torch_save(folder / f"{stem}.pt", state)
-    sparse_path = atomic_torch_save(folder / f"{stem}.sparse.pt", sparse_state(model, masks))
+    wrap = (lambda s: s) if metadata is None else (lambda s: {"state_dict": s, METADATA_KEY: metadata})  # noqa: E731
+    dense_path = atomic_torch_save(folder / f"{stem}.pt", wrap(state))
+    sparse_path = atomic_torch_save(folder / f"{stem}.sparse.pt", wrap(sparse_state(model, masks)))
     dense_bytes, sparse_bytes = dense_path.stat().st_size, sparse_path.stat().st_size
     return {"state_dict": str(dense_path), "sparse": str(sparse_path), "dense_bytes": dense_bytes,
             "sparse_bytes": sparse_bytes, "ratio": sparse_bytes / dense_bytes}  # fmt: skip

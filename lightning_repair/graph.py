@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import StochasticDepth, stochastic_depth
 
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 _ADD = (operator.add, operator.iadd, torch.add)
@@ -19,7 +19,7 @@ _HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2
 _HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                           F.adaptive_max_pool2d, F.dropout)  # fmt: skip
 _HOMOGENEOUS_METHODS = ("relu", "relu_", "flatten")
-_EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout2d, StochasticDepth)  # modules that are x -> x in eval mode
+_EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout2d)  # modules that are x -> x in eval mode
 
 Modules = dict[str, nn.Module]  # named_modules() of the traced model: "" is the root
 
@@ -75,10 +75,17 @@ def bn_source(node: fx.Node, modules: Modules) -> fx.Node | None:
 
 
 def _is_eval_identity(node: fx.Node, modules: Modules) -> bool:
+    # torchvision's stochastic depth, when torchvision is loaded (a model can only hold it then): the module, or the
+    # function it traces to, stochastic_depth(x, p, mode, training), is the identity when not training
+    ops = sys.modules.get("torchvision.ops")
     if node.op == "call_module":
-        return isinstance(modules[node.target], _EVAL_IDENTITY)
-    # torchvision's StochasticDepth traces to stochastic_depth(x, p, mode, training), the identity untrained
-    return node.op == "call_function" and node.target is stochastic_depth and node.args[3:4] == (False,)
+        return isinstance(modules[node.target], _EVAL_IDENTITY + ((ops.StochasticDepth,) if ops else ()))
+    return (
+        ops is not None
+        and node.op == "call_function"
+        and node.target is ops.stochastic_depth
+        and (node.args[3:4] == (False,))
+    )
 
 
 def bn_reader(node: fx.Node, modules: Modules) -> nn.Module | None:

@@ -15,20 +15,23 @@ stem without max-pool, for 28-32 px images; "imagenet": torchvision's stem) and 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jsonargparse import ArgumentParser, set_parsing_settings
 from torch import nn
 from torchvision.models import densenet
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers
+
+if TYPE_CHECKING:
+    from .data import DatasetInfo
 
 Stem = Literal["cifar", "imagenet"]
 
@@ -177,20 +180,30 @@ class Network:
 
 NetworkSpec = Network | Callable[[], nn.Module]
 
-# jsonargparse parses a pure dataclass in a Union with a class type wrongly (a class_path dict loses its
-# class_path); as a subclass-enabled type, ``{arch: ...}`` is Network's implicit class_path and a
-# ``{class_path: ...}`` of an nn.Module goes to the callable.
-set_parsing_settings(subclasses_enabled=[Network])
+
+def configure_parsing() -> None:
+    """jsonargparse parses a pure dataclass in a Union with a class type wrongly (a class_path dict loses its
+    class_path); as a subclass-enabled type, ``{arch: ...}`` is Network's implicit class_path and a
+    ``{class_path: ...}`` of an nn.Module goes to the callable. Called by the CLI and by ``build_network`` (the
+    core itself never imports jsonargparse)."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(subclasses_enabled=[Network])
 
 
 def build_network(spec: NetworkSpec | Mapping[str, Any]) -> nn.Module:
     """A freshly built model from a network spec or its config form (``network_config``)."""
     if isinstance(spec, Mapping):
+        from jsonargparse import ArgumentParser
+
+        configure_parsing()
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--network", type=NetworkSpec)
         spec = parser.instantiate(parser.parse_object({"network": dict(spec)})).network
     if isinstance(spec, Network):
         return spec.build()
+    if isinstance(spec, nn.Module):  # a builder given by class_path (torchvision.models.resnet18): jsonargparse
+        return copy.deepcopy(spec)  # called it with its init_args, so the spec is the built module: a fresh copy
     if not callable(spec):
         raise TypeError(f"model.network must be a Network or a callable that builds an nn.Module, got {spec!r}")
     model = spec()
@@ -207,6 +220,8 @@ def network_config(spec: NetworkSpec | Mapping[str, Any]) -> dict[str, Any] | st
     if isinstance(spec, Mapping):
         if _imported(spec.get("class_path")) is Network:  # the CLI's form of a shortcut
             return asdict(Network(**spec.get("init_args", {})))
+        if "class_path" not in spec and "arch" in spec:  # a shortcut's fields: all of them, defaults filled in
+            return asdict(Network(**spec))
         return dict(spec)
     return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}"
 
@@ -245,6 +260,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Loading never unpickles code (``weights_only=True``). Lightning checkpoints store the
     network under the LightningModule attribute ``model.``; that prefix is stripped.
     """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """``read_state_dict``'s weights and the file's ``METADATA_KEY`` entry (None in a bare state_dict)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -252,13 +272,115 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, empty, not a torch file, or pickled code
         raise CheckpointMismatchError(f"cannot read checkpoint {path} safely (weights_only=True): {err}") from err
+    metadata = obj.get(METADATA_KEY) if isinstance(obj, Mapping) else None
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise CheckpointMismatchError(f"{path}: its {METADATA_KEY!r} entry is not a dict")
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointMismatchError(f"{path} holds no state_dict of tensors")
     if obj and all(k.startswith("model.") for k in obj):
         obj = {k.removeprefix("model."): v for k, v in obj.items()}
-    return dict(obj)
+    return dict(obj), (dict(metadata) if metadata is not None else None)
+
+
+# ----------------------------------------------------------------------------- checkpoints that describe themselves
+
+METADATA_KEY = "lightning_repair"  # beside "state_dict" in every checkpoint the tool writes
+METADATA_FORMAT = 1
+
+
+def checkpoint_metadata(network: NetworkSpec | Mapping[str, Any], info: DatasetInfo | None = None,
+                        dataset: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """What a checkpoint records about itself, as plain data (``torch.load(weights_only=True)`` reads it): the
+    network spec as config data (``network_config``) and, with the data's ``info``, the input the network expects:
+    ``{"format": 1, "network": {...}, "input": {"dataset", "channels", "image_size", "mean", "std"}}``. Pixels scaled
+    to [0, 1], then (x - mean) / std per channel."""
+    metadata: dict[str, Any] = {"format": METADATA_FORMAT, "network": network_config(network)}
+    if info is not None:
+        metadata["input"] = {"dataset": dataset, "channels": info.in_channels, "image_size": info.image_size,
+                             "mean": [float(m) for m in info.mean], "std": [float(s) for s in info.std]}  # fmt: skip
+    return metadata
+
+
+def recorded_network(path: str | Path) -> dict[str, Any] | str | None:
+    """The network spec a checkpoint records (None for a bare state_dict)."""
+    metadata = read_checkpoint(path)[1]
+    return None if metadata is None else metadata.get("network")
+
+
+def canonical_network(spec: NetworkSpec | Mapping[str, Any] | str) -> dict[str, Any] | str:
+    """A spec's config form with every default filled in, as jsonargparse resolves it: two specs that build the same
+    network compare equal. A callable given in Python (no config form) is its name."""
+    config = network_config(spec) if not isinstance(spec, str) else spec
+    if isinstance(config, str):
+        return config
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    configure_parsing()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--network", type=NetworkSpec)
+    return yaml.safe_load(parser.dump(parser.parse_object({"network": dict(config)})))["network"]
+
+
+def check_recorded_network(given: NetworkSpec | Mapping[str, Any], recorded: Any, checkpoint: str | Path,
+                           what: str = "model.network") -> None:  # fmt: skip
+    """Refuse a network spec that differs from the one the checkpoint records, naming both."""
+    if recorded is None:
+        return
+    mine, theirs = canonical_network(given), canonical_network(recorded)
+    if isinstance(mine, str) and not isinstance(theirs, str):
+        return  # a callable given in Python has no config form to compare: the strict weight loading still checks
+    if mine != theirs:
+        raise CheckpointMismatchError(
+            f"{what} {_spec_text(mine)} differs from the network {checkpoint} was written for, "
+            f"{_spec_text(theirs)}: drop {what} to use the recorded one, or give a matching checkpoint"
+        )
+
+
+def _spec_text(spec) -> str:
+    import json
+
+    return spec if isinstance(spec, str) else json.dumps(spec, separators=(",", ":"))
+
+
+def resolve_network(network: NetworkSpec | Mapping[str, Any] | None, checkpoint: str | Path) -> Any:
+    """The network to build for ``checkpoint``: the given spec (checked against the one the checkpoint records), or,
+    when none is given, the recorded one."""
+    recorded = recorded_network(checkpoint)
+    if network is None:
+        if recorded is None:
+            raise CheckpointMismatchError(
+                f"model.network is not set and {checkpoint} records no network (a bare state_dict): give model.network"
+            )
+        return recorded
+    check_recorded_network(network, recorded, checkpoint)
+    return network
+
+
+def check_recorded_input(metadata: Mapping[str, Any] | None, info: DatasetInfo, dataset: str | None,
+                         checkpoint: str | Path) -> None:  # fmt: skip
+    """Refuse data normalised otherwise than the data the checkpoint records (its mean, std or channels)."""
+    recorded = (metadata or {}).get("input")
+    if not recorded:
+        return
+    given = {"channels": info.in_channels, "mean": [float(m) for m in info.mean], "std": [float(s) for s in info.std]}
+    differing = [k for k, v in given.items() if not _close(v, recorded.get(k))]
+    if differing:
+        theirs = {k: recorded.get(k) for k in given}
+        raise CheckpointMismatchError(
+            f"data {dataset!r} gives {given} but {checkpoint} was trained on {recorded.get('dataset')!r} with "
+            f"{theirs}: the model would see other inputs than it learned from (data.rgb, the normalisation)"
+        )
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(
+            math.isclose(x, y, abs_tol=1e-6) for x, y in zip(a, b, strict=True)
+        )
+    return a == b
 
 
 def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> nn.Module:
@@ -287,3 +409,39 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
 
 def _listing(keys: list[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
+def load_dense(
+    network: NetworkSpec | Mapping[str, Any] | None,
+    checkpoint: str | Path,
+    device: torch.device | str = "cpu",
+    dataset: str | None = None,
+    info: DatasetInfo | None = None,
+) -> nn.Module:
+    """The dense model in eval mode on ``device``; with ``info`` (data.DatasetInfo of ``dataset``), checked first to
+    fit that dataset's classes and channels (and normalisation, when the checkpoint records it). ``network`` None:
+    the network the checkpoint records; given, it must agree with that one."""
+    network = resolve_network(network, checkpoint)
+    if info is not None and Path(checkpoint).is_file():
+        check_recorded_input(read_checkpoint(checkpoint)[1], info, dataset, checkpoint)
+    model = build_network(network)
+    channels, classes = input_channels(model), output_classes(model)
+    if info is not None and (info.num_classes, info.in_channels) != (classes, channels or info.in_channels):
+        raise ValueError(
+            f"model.network ({type(model).__name__}) has num_classes={classes}, in_channels={channels} but dataset "
+            f"{dataset!r} has num_classes={info.num_classes}, in_channels={info.in_channels}"
+            + (" (data.rgb: true repeats a grayscale channel for an RGB stem)" if channels == 3 else "")
+        )
+    check_running_stats(model)
+    return load_weights(model, checkpoint).to(device).eval()
+
+
+def check_running_stats(model: nn.Module) -> None:
+    """Refuse a BatchNorm without running statistics (``track_running_stats=False``): it normalises every batch
+    by that batch's own statistics, even in eval mode, so there are no statistics for a repair to correct."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            raise ValueError(
+                f"BatchNorm {name!r} has no running statistics (track_running_stats=False): pruning and repair "
+                "need BatchNorm layers that keep them"
+            )

@@ -1,305 +1,115 @@
-"""PruneRepairModule: ``lightning-repair fit`` prunes, repairs and evaluates in ``on_fit_start``.
+"""The one-shot pipeline, pure PyTorch: allocate, mask, repair, check the masks, and evaluate if asked.
 
-No training step runs: after the pipeline the fit loop is told it has nothing to do.
-Only rank 0 writes files; every statistic and every accuracy is reduced across processes.
+    import lightning_repair as lr
+    result = lr.prune_and_repair(dense, calibration_batches, sparsity=0.95, allocation="lamp", repair="default")
+    result.model  # the repaired model, plain architecture; result.report says what the repair did
+
+``lightning-repair fit`` (module.PruneRepairModule) runs it once; a sweep runs it per grid cell while sharing the
+dense model, the calibration batches and the dense accuracy.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any, Literal
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from jsonargparse.typing import restricted_number_type
 from torch import nn
-from tqdm.auto import tqdm
 
-from .allocation import PROFILE_METHODS, Allocation, allocate, format_table
-from .callbacks import DiscardFailedRun
-from .datamodule import ImageDataModule
-from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
-from .evaluation import calibration_forward_time, evaluate
-from .export import atomic_write_json, export
-from .models import NetworkSpec, build_network, input_channels, load_weights, network_config, output_classes
-from .oneshot import check_operators_fit, prune_and_repair
-from .operators import describe, parse_recipe
-from .stores import STORES, Activations
+from .allocation import Allocation, allocate, allocation_table
+from .diagnostics import RRProfile
+from .evaluation import evaluate as evaluate_on
+from .masks import apply_masks, compute_masks, mask_violations
+from .operators import Operator, parse_recipe
+from .repair import RepairReport
+from .repair import repair as run_repair
+from .stores import Activations
 from .utils import timed
 
-Sparsity = restricted_number_type("Sparsity", float, [(">=", 0.0), ("<", 1.0)])
+Evaluate = Callable[[nn.Module, str], dict]  # (model, description) -> {"top1", "top5", "samples"}
 
 
-class PruneRepairModule(pl.LightningModule):
-    """Prune a dense checkpoint one-shot and repair it from unlabeled calibration images.
+@dataclass
+class PruneRepairResult:
+    model: nn.Module  # pruned and repaired, plain architecture
+    masks: dict[str, torch.Tensor]
+    layers: list[dict]  # allocation rows: name, role, shape, numel, kept, density
+    report: RepairReport
+    timings: dict[str, float]
+    pruned: dict | None = None  # accuracy of the pruned, unrepaired model (when evaluated)
+    repaired: dict | None = None  # accuracy of the repaired model (when evaluated)
 
-    Args:
-        network: the checkpoint's architecture: a built-in one by name (``{arch: resnet18, ...}``) or any nn.Module
-            by class_path and init_args (``{class_path: torchvision.models.MobileNetV2, init_args: {...}}``).
-        checkpoint: dense weights (Lightning checkpoint, state_dict or torchvision layout).
-        sparsity: target global sparsity over prunable weights, in [0, 1).
-        allocation: a method name (uniform, global, erk, lamp, rr, erk_rr) or a dict with options.
-        repair: a preset (``lightning-repair fit --help`` lists them with their operators) or a
-            list of operators, e.g. ``[{op: bn_recalibration}, {op: variance_matching, ...}]``.
-        save_model: write the repaired model (dense-shaped and compact sparse) to the log dir.
-        rr_grid: sparsities of the per-layer RR profile (docs/methods.md), which also adds D_raw, D_res
-            and RR at each layer's allocated sparsity to metrics.json; null or [] turns it off unless the
-            allocation (rr, erk_rr) needs it. Costs about len(rr_grid) + 2 dense calibration passes.
-        rr_repair: the channel-wise repair behind D_res and RR: ``vm`` (variance matching, the RR paper's),
-            ``ls`` (least-squares affine fit), ``asr`` (the asr preset's shrunk gain) or ``reconstruct`` (the
-            layer's own least-squares reconstruction; adds about the Gram cost of reconstruct to the profile).
-        activations: where the repair keeps the calibration set's activations as it walks the network: ``device``
-            (fastest), ``host`` (CPU memory, each chunk moved to the device only while a layer runs on it: device
-            memory no longer grows with data.calibration_size) or ``disk`` (a temporary directory under $TMPDIR,
-            deleted at the end: host memory no longer grows with it either). The repaired model is the same.
-    """
-
-    def __init__(
-        self,
-        network: NetworkSpec,
-        checkpoint: str,
-        sparsity: Sparsity = 0.95,
-        allocation: str | Allocation = "lamp",
-        repair: str | list[dict[str, Any]] = "default",
-        save_model: bool = True,
-        rr_grid: tuple[float, ...] | None = DEFAULT_GRID,
-        rr_repair: Literal["vm", "ls", "asr", "reconstruct"] = "vm",
-        activations: Activations = "device",
-    ):
-        super().__init__()
-        # the CLI's types check these too; repeated for the Python API
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"model.sparsity must be a number in [0, 1), got {sparsity!r}")
-        self.save_hyperparameters()
-        self.allocation = allocation if isinstance(allocation, Allocation) else Allocation(method=allocation)
-        self.recipe = parse_recipe(repair)  # validate before any work starts
-        self.rr_grid = check_grid(rr_grid or [])
-        if rr_repair not in RR_REPAIRS:
-            raise ValueError(f"model.rr_repair: {rr_repair!r} is not one of {RR_REPAIRS}")
-        if activations not in STORES:
-            raise ValueError(f"model.activations: {activations!r} is not one of {tuple(STORES)}")
-        if not self.rr_grid and self.allocation.method in PROFILE_METHODS:
-            raise ValueError(f"allocation {self.allocation.method!r} needs an RR profile: set model.rr_grid")
-        self.network = network
-        self.model = build_network(network)
-        check_operators_fit(self.model, self.recipe)  # before any data is read
-        self.results: dict[str, Any] = {}
-        self.report = None  # the RepairReport of the last run
-        self.profile: RRProfile | None = None  # the dense model's RR profile, when rr_grid asks for one
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):  # pragma: no cover - the fit loop is skipped
-        raise RuntimeError("PruneRepairModule does not train")
-
-    def configure_optimizers(self):
-        return None
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [DiscardFailedRun()]  # results are written at the end: a failed run has nothing to show
-
-    # ------------------------------------------------------------------ the pipeline
-
-    def on_fit_start(self) -> None:
-        trainer, hp = self.trainer, self.hparams
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "calibration_dataloader"):
-            raise TypeError("PruneRepairModule needs an ImageDataModule (data: in the config)")
-        rank, world = trainer.global_rank, trainer.world_size
-        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not show)  # noqa: E731
-
-        dense = load_dense(self.network, hp.checkpoint, dm, self.device)
-        calibration = load_calibration(dm, self.device, rank, world, bar)
-        timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
-
-        def test(model, desc):
-            return evaluate(model, bar(dm.evaluation_dataloader(rank, world), desc), self.device)
-
-        with timed(timings, "evaluation"):
-            acc_dense = test(dense, "evaluate dense")
-        keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
-        result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
-                                  activations=hp.activations)  # fmt: skip
-        for key, seconds in result.timings.items():
-            timings[key] = timings.get(key, 0.0) + seconds
-
-        self.model.load_state_dict(result.model.state_dict())
-        runs = {"dense": acc_dense, "pruned": result.pruned, "repaired": result.repaired}
-        self.results = {
-            "accuracy": {k: v["top1"] for k, v in runs.items()},
-            "sparsity": {"target": hp.sparsity, "achieved": result.achieved_sparsity},
-            "allocation": self.allocation.method,
-            "repair": describe(self.recipe),
-            "layers": [row | at_allocation.get(row["name"], {}) for row in result.layers],
-            "timings_s": timings,
-            "test_samples": result.repaired["samples"],
-            "world_size": world,
-            "state_sha256": replica_digest(self.model),
-            "config": _plain(init_args(self) | {"network": network_config(hp.network)}),  # rebuildable
-            "data_config": _plain(init_args(dm)),
-            "data_location": dm.info.location,
-        }
-        if self.profile is not None:
-            self.results["rr_profile"] = {"grid": self.profile.grid, "samples": self.profile.samples,
-                                          "layers": self.profile.rows()}  # fmt: skip
-        if dm.info.num_classes > 5:
-            self.results["accuracy_top5"] = {k: v["top5"] for k, v in runs.items()}
-        self.report = result.report
-        self._write(result.masks)
-        trainer.fit_loop.max_epochs = 0  # nothing to train: the fit loop ends at once
-        trainer.enable_autolog_hparams = False  # _write logged the hparams with the accuracies (no hp_metric=-1)
-
-    def _allocate(
-        self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float]
-    ) -> tuple[dict[str, int], RRProfile | None, dict[str, dict]]:
-        """The keep counts, the RR profile (when rr_grid asks for one) and per layer name D_raw, D_res and RR at
-        the allocated keep count: measured in the profile's own pass when the allocation does not depend on the
-        profile, else in a second pass at one sparsity."""
-        sparsity, needs_profile = self.hparams.sparsity, self.allocation.method in PROFILE_METHODS
-        profile = None
-        if needs_profile:
-            with timed(timings, "rr"):
-                profile = rr_profile(dense, calibration, self.rr_grid, repair=self.hparams.rr_repair)
-        with timed(timings, "allocation"):
-            keep = allocate(dense, sparsity, self.allocation, profile=profile)
-        if not self.rr_grid:
-            return keep, None, {}
-        with timed(timings, "rr"):
-            grid = () if needs_profile else self.rr_grid
-            measured = rr_profile(dense, calibration, grid, keep=keep, repair=self.hparams.rr_repair)
-            profile = profile if needs_profile else measured
-        at_allocation = {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
-        return keep, profile, at_allocation
-
-    def _write(self, masks) -> None:
-        res = self.results
-        metrics = {f"test/acc_{k}": v for k, v in res["accuracy"].items()}
-        metrics |= {f"test/top5_{k}": v for k, v in res.get("accuracy_top5", {}).items()}
-        metrics |= {f"time/{k}": v for k, v in res["timings_s"].items()}
-        metrics["sparsity/achieved"] = res["sparsity"]["achieved"]
-        # Trainer.log_dir broadcasts from rank 0: every process must read it, or rank 0 waits forever
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if not self.trainer.is_global_zero:
-            return
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=0)
-            for row in res["layers"]:
-                logger.log_metrics({f"density/{row['name']}": row["density"]}, step=0)
-            hparams = run_hparams(res)
-            logger.log_hyperparams(hparams, {f"hp/acc_{k}": v for k, v in res["accuracy"].items()})
-        if self.hparams.save_model:
-            res["export"] = export(self.model, masks, log_dir)
-        atomic_write_json(log_dir / "metrics.json", res)
-        acc = res["accuracy"]
-        print(  # the results, on stdout (logging and progress bars are on stderr)
-            format_table(res["layers"])
-            + f"\n\naccuracy  dense {acc['dense']:.4f}  pruned {acc['pruned']:.4f}  repaired {acc['repaired']:.4f}"
-            + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
-            + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
-            + f"\nwrote {log_dir / 'metrics.json'}"
-            + "".join(f", {Path(res['export'][k]).name}" for k in ("state_dict", "sparse") if "export" in res)
-        )
+    @property
+    def achieved_sparsity(self) -> float:
+        return 1 - sum(r["kept"] for r in self.layers) / sum(r["numel"] for r in self.layers)
 
 
-def load_dense(network: NetworkSpec, checkpoint: str, dm: ImageDataModule, device: torch.device | str) -> nn.Module:
-    """The dense model in eval mode on ``device``, once it is known to fit the datamodule's dataset."""
-    dm.setup("fit")
-    model = build_network(network)
-    channels, classes = input_channels(model), output_classes(model)
-    if (dm.info.num_classes, dm.info.in_channels) != (classes, channels or dm.info.in_channels):
+def check_operators_fit(model: nn.Module, recipe: Sequence[Operator]) -> None:
+    """Refuse operators that act only at BatchNorm layers when the model has none (they would silently do
+    nothing), naming the model and the operators; operators with another site (classifier, layers) run."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    bn_only = [op.op for op in recipe if op.needs_batchnorm]
+    if bn_only:
         raise ValueError(
-            f"model.network ({type(model).__name__}) has num_classes={classes}, in_channels={channels} but dataset "
-            f"{dm.hparams.dataset!r} has num_classes={dm.info.num_classes}, in_channels={dm.info.in_channels}"
-            + (" (data.rgb: true repeats a grayscale channel for an RGB stem)" if channels == 3 else "")
+            f"{type(model).__name__} has no BatchNorm layer, so repair operator(s) {', '.join(bn_only)} cannot run "
+            "(they correct BatchNorm statistics); operators that need none: classifier_refit, reconstruct"
         )
-    check_running_stats(model)
-    return load_weights(model, checkpoint).to(device).eval()
 
 
-def check_running_stats(model: nn.Module) -> None:
-    """Refuse a BatchNorm without running statistics (``track_running_stats=False``): it normalises every batch
-    by that batch's own statistics, even in eval mode, so there are no statistics for a repair to correct."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
-            raise ValueError(
-                f"BatchNorm {name!r} has no running statistics (track_running_stats=False): pruning and repair "
-                "need BatchNorm layers that keep them"
-            )
-
-
-def load_calibration(
-    dm: ImageDataModule, device: torch.device | str, rank: int = 0, world_size: int = 1,
+def prune_and_repair(
+    dense: nn.Module,
+    calibration: Iterable[torch.Tensor],
+    sparsity: float = 0.95,
+    allocation: str | Mapping | Allocation = "lamp",
+    repair: str | Sequence[dict | Operator] = "default",
+    evaluate: Evaluate | Iterable | None = None,
     progress: Callable[[Iterable, str], Iterable] | None = None,
-) -> list[torch.Tensor]:  # fmt: skip
-    """This process's shard of the unlabeled calibration batches, on ``device``. A calibration set smaller than
-    ``data.batch_size`` is one batch: the repair's statistics are sums over the whole set, whatever its batching."""
-    dm.setup("fit")
-    n_cal = len(dm.calibration_set)
-    if n_cal < world_size:
-        raise ValueError(f"data.calibration_size={n_cal} is smaller than the number of processes")
-    loader = dm.calibration_dataloader(rank, world_size)
-    return [b.to(device) for b in (progress(loader, "calibration data") if progress else loader)]
+    profile: RRProfile | None = None,
+    keep: Mapping[str, int] | None = None,
+    activations: Activations = "device",
+) -> PruneRepairResult:
+    """Prune a copy of ``dense`` to ``sparsity`` and repair it from unlabeled ``calibration`` batches (image tensors).
+
+    ``allocation`` is a method name (``allocation.ALLOCATIONS``), a dict of its options or an ``Allocation``;
+    ``repair`` a preset name (``operators.PRESETS``) or a list of operators. ``evaluate`` is optional: a labeled
+    test loader (accuracy on the model's device), or a function ``(model, description) -> {"top1", ...}``; the
+    pruned and the repaired model are then evaluated. ``profile`` is the RR profile of ``dense`` that the RR-guided
+    allocations need (a sweep computes it once for all its cells); ``keep``, per-layer keep counts already
+    allocated for ``sparsity``, skips the allocation. ``activations`` is where the repair keeps activations
+    (``repair.repair``). ``dense`` is left untouched. Masks are checked after the repair: a pruned weight that is
+    not exactly zero is an error, never a silently denser model.
+    """
+    recipe = parse_recipe(repair)
+    check_operators_fit(dense, recipe)
+    if evaluate is not None and not callable(evaluate):
+        evaluate = _loader_evaluation(evaluate, next(dense.parameters()).device)
+    calibration = list(calibration)
+    timings: dict[str, float] = {}
+    if keep is None:
+        with timed(timings, "allocation"):
+            keep = allocate(dense, sparsity, allocation, profile=profile)
+    with timed(timings, "masking"):
+        masks = compute_masks(dense, keep)
+        model = apply_masks(copy.deepcopy(dense), masks)
+    pruned = repaired = None
+    if evaluate is not None:
+        with timed(timings, "evaluation"):
+            pruned = evaluate(model, "evaluate pruned")
+    with timed(timings, "repair"):
+        report = run_repair(model, dense, calibration, recipe, masks=masks, activations=activations,
+                            progress=progress and (lambda it: progress(it, "repair")))  # fmt: skip
+    masks = report.masks or masks  # reconstruction may re-select masks from its statistics (same counts)
+    timings.update(report.timings)  # the reconstruction's share of the repair time
+    violations = mask_violations(model, masks)
+    if violations:
+        raise RuntimeError(f"repair broke the masks (non-zero pruned weights): {violations}")
+    if evaluate is not None:
+        with timed(timings, "evaluation"):
+            repaired = evaluate(model, "evaluate repaired")
+    return PruneRepairResult(model, masks, allocation_table(dense, keep), report, timings, pruned, repaired)
 
 
-def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a state_dict: names, dtypes, shapes and the bytes of every tensor, in order."""
-    sha = hashlib.sha256()
-    for key, tensor in state.items():
-        t = tensor.detach().cpu().contiguous()
-        sha.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
-
-
-def replica_digest(model: nn.Module) -> str:
-    """``state_digest`` of the model, checked to be the same on every DDP process (RuntimeError if not)."""
-    digest = state_digest(model.state_dict())
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        digests = [None] * dist.get_world_size()
-        dist.all_gather_object(digests, digest)
-        differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
-        if differing:
-            raise RuntimeError(
-                f"processes {differing} hold a different repaired model than process 0: a calibration "
-                "statistic or a repair step was not reduced across processes"
-            )
-    return digest
-
-
-def init_args(module: pl.LightningModule | pl.LightningDataModule) -> dict[str, Any]:
-    """A module's constructor arguments: its hparams without what LightningCLI adds (``_class_path``, ...)."""
-    parameters = inspect.signature(type(module)).parameters
-    return {k: v for k, v in module.hparams.items() if k in parameters}
-
-
-def run_hparams(results: dict) -> dict[str, int | float | str | bool]:
-    """A run's hyperparameters, flat, for TensorBoard's hparams view: the module's config (``network.arch``,
-    ``allocation.rr_power``, ...; lists as text) and the datamodule's (``data.calibration_size``, ...)."""
-    flat = {"sparsity": results["sparsity"]["target"], "allocation": results["allocation"],
-            "repair": str(results["config"]["repair"])}  # fmt: skip
-    for key, value in (_flat(results["config"]) | _flat(results["data_config"], "data.")).items():
-        flat.setdefault(key, value if isinstance(value, (int, float, str, bool)) else str(value))
-    return flat
-
-
-def _flat(obj, prefix: str = "") -> dict:
-    if not isinstance(obj, dict):
-        return {prefix.rstrip("."): obj}
-    return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
-def _plain(obj):
-    """Hyperparameters as JSON-serialisable data."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "__dataclass_fields__"):
-        return _plain({k: getattr(obj, k) for k in obj.__dataclass_fields__})
-    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
+def _loader_evaluation(loader: Iterable, device: torch.device) -> Evaluate:
+    return lambda model, _description: evaluate_on(model, loader, device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -123,12 +124,49 @@ class LayerStatistics:
         return self
 
 
+# GPUs whose float64 throughput is half their float32 one (P100, V100, A100, H100: compute capability x.0 for
+# x >= 6): a conv's Gram products run in float64 there; elsewhere float64 is 1/32-1/64 of float32, so they run in
+# float32 and are accumulated in float64 (benchmarks/gpu.sh measures both; tests/test_reconstruction.py bounds the
+# float32 products' effect on the solve)
+_FAST_FLOAT64_CAPABILITIES = {(6, 0), (7, 0), (8, 0), (9, 0)}
+PRODUCT_DTYPE: torch.dtype | None = None  # None: per device (``product_dtype``); set to force one
+
+
+def product_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of a conv's Gram products on ``device`` (accumulation is always float64)."""
+    if PRODUCT_DTYPE is not None:
+        return PRODUCT_DTYPE
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) in _FAST_FLOAT64_CAPABILITIES:
+        return torch.float64
+    return torch.float32
+
+
 def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Tensor) -> LayerStatistics:
     """This chunk's sums: ``layer`` fed ``x``, target output ``y``."""
-    # convs have one row per output position: their products run in float32 (the cost of reconstruction);
-    # a Linear has one row per image, so its products run in float64 at little cost
-    dtype = torch.float64 if isinstance(layer, nn.Linear) else torch.promote_types(x.dtype, torch.float32)
+    # convs have one row per output position: their products run in ``product_dtype`` (the cost of
+    # reconstruction); a Linear has one row per image, so its products run in float64 at little cost
+    if isinstance(layer, nn.Linear):
+        dtype = torch.float64
+    else:
+        dtype = torch.promote_types(x.dtype, product_dtype(x.device))
     x, y = x.detach().to(dtype), y.detach().to(dtype)
+    if x.is_cuda and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        with _no_tf32():
+            return _chunk_statistics(layer, x, y)
+    return _chunk_statistics(layer, x, y)
+
+
+@contextmanager
+def _no_tf32():
+    """Full float32 products (TF32 keeps 10 mantissa bits: too few for a Gram)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def _chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Tensor) -> LayerStatistics:
     t = targets(layer, y)
     if isinstance(layer, nn.Conv2d):  # in slices of images, each formed and multiplied while still in cache
         size = max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * layer.kernel_size[1]))

@@ -35,13 +35,23 @@ from .graph import (
 )
 from .layers import prunable_layers
 from .mask_selection import select_mask
-from .operators import EPS_VAR, Operator, bn_affine, fold_affine, parse_recipe, plan_walks, recalibrate
+from .operators import (
+    CLASSIFIER_SITES,
+    EPS_VAR,
+    Operator,
+    bn_affine,
+    fold_affine,
+    parse_recipe,
+    plan_walks,
+    recalibrate,
+)
 from .reconstruction import layer_statistics, reconstruct_layer
-from .stats import accumulate
+from .stats import accumulate, channel_moments
 from .stores import STORES, Activations, ActivationStore, store_factory
 from .utils import eval_mode, timed
 
 _MIN_STREAM_GAIN = 1e-6  # a gain carried through the identity stream must stay positive
+_FORCE_DENSE_MODE: str | None = None  # tests: run every walk in this dense mode (``_dense_mode``) to compare them
 
 
 @dataclass
@@ -49,7 +59,11 @@ class RepairReport:
     """What the engine did: the walks (operator names), the sites, the gains of block/classifier-input corrections,
     and at each BN site the per-channel variance ratio pruned/dense of the BN output, with every upstream site
     already repaired, before and after this site's operators (before = the ratio of the BN inputs, as the pruned
-    BN still holds the dense parameters there); ``masks`` when an operator re-selected them."""
+    BN still holds the dense parameters there); ``masks`` when an operator re-selected them.
+
+    The dense variance is measured on the calibration set when the walk runs the dense network; a walk whose
+    operators read no dense activation there (``bn_recalibration``, ``default``) does not run it, and divides by the
+    dense BN's running variance instead (``variance_reference[name] == "running"``)."""
 
     walks: list[list[str]] = field(default_factory=list)
     bn_sites: list[str] = field(default_factory=list)
@@ -59,6 +73,10 @@ class RepairReport:
     variance_ratio: dict[str, torch.Tensor] = field(default_factory=dict)
     variance_ratio_after: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] | None = None
+    # what the variance ratios divide by: "calibration" (the dense network's BN input variance on the calibration
+    # set, when a walk ran the dense network beside the pruned one) or "running" (the dense BN's running variance,
+    # its training-time estimate, when no operator of the walk read the dense network and it was not run)
+    variance_reference: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds in reconstruction's statistics and solves
 
 
@@ -99,7 +117,7 @@ def repair(
     masks = {name: mask.to(torch.bool) for name, mask in masks.items()}
     with eval_mode(pruned, dense), store_factory(activations, next(pruned.parameters()).device) as new_store:
         for walk in plan_walks(ops):
-            _Walk(pruned, dense, batches, walk, masks, report, new_store).run(progress)
+            _Walk(pruned, dense, batches, walk, masks, report, new_store, _FORCE_DENSE_MODE).run(progress)
     if any(op.reselects_masks for op in ops):
         report.masks = masks
     return report
@@ -125,6 +143,12 @@ class _Walk:
     is a layer site (from the pruned input and the dense output just computed); run the pruned node; free the
     inputs no later node reads.
 
+    The dense network runs only where an operator reads it (``_dense_mode``): node by node beside the pruned one
+    (``lockstep``) when an operator reads dense activations before the classifier; as one plain forward pass that
+    keeps only the classifier's input and output (``classifier``) when the operators read nothing else
+    (``classifier_refit`` after ``bn_recalibration``: the ``default`` preset); not at all (``none``) when no
+    operator reads it (``bn_recalibration``). The dense values are the same in every mode, so is the result.
+
     Invariant (pending scale): where a ``block`` correction's gain could not be folded into the identity stream
     without changing its other readers, ``self.scale[node]`` holds a positive per-channel D with
     true activation = D * stored activation. It is carried through positively homogeneous nodes (ReLU, pooling,
@@ -133,7 +157,17 @@ class _Walk:
     a silently wrong model.
     """
 
-    def __init__(self, pruned, dense, batches, ops: list[Operator], masks, report: RepairReport, new_store):
+    def __init__(
+        self,
+        pruned,
+        dense,
+        batches,
+        ops: list[Operator],
+        masks,
+        report: RepairReport,
+        new_store,
+        dense_mode: str | None = None,
+    ):
         self.ops, self.masks, self.report, self.batches = ops, masks, report, batches
         self.mods_p: Modules = dict(pruned.named_modules())
         self.mods_d: Modules = dict(dense.named_modules())
@@ -144,6 +178,7 @@ class _Walk:
         self.env_p: ActivationStore = new_store()  # node -> its per-chunk activations, pruned network
         self.env_d: ActivationStore = new_store()  # the same, dense network
         self.scale: dict[fx.Node, torch.Tensor] = {}  # the pending scales (class docstring)
+        self.dense_mode = dense_mode or _dense_mode(ops, self.nodes, self.mods_p, self.classifier)
         report.walks.append([op.op for op in ops])
 
     def run(self, progress) -> None:
@@ -162,7 +197,8 @@ class _Walk:
             if self.block_ops and is_residual_sum(node, self.mods_p):
                 self._at_block(node)
             read_later = {inp for inp in node.all_input_nodes if last_use[inp] > index}
-            self.env_d[node] = run_node(node, self.env_d, self.mods_d, len(self.batches), read_later)
+            if self.dense_mode == "lockstep":
+                self.env_d[node] = run_node(node, self.env_d, self.mods_d, len(self.batches), read_later)
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 self._at_layer(node, module)
             self.env_p[node] = run_node(node, self.env_p, self.mods_p, len(self.batches), read_later)
@@ -171,7 +207,27 @@ class _Walk:
     def _feed(self, node: fx.Node) -> None:
         # clones: an in-place first op must not touch the caller's batches
         self.env_p[node] = (b.clone() for b in self.batches)
-        self.env_d[node] = (b.clone() for b in self.batches)
+        if self.dense_mode == "lockstep":
+            self.env_d[node] = (b.clone() for b in self.batches)
+        elif self.dense_mode == "classifier":
+            self._dense_classifier()
+
+    def _dense_classifier(self) -> None:
+        """One plain forward pass of the dense network, keeping only the classifier's input and output per chunk."""
+        (node,) = [n for n in self.nodes if n.op == "call_module" and n.target == self.classifier]
+        inputs, outputs = [], []
+
+        def keep(_module, args, output):  # copies: a later in-place op must not change what is kept
+            inputs.append(args[0].clone())
+            outputs.append(output.clone())
+
+        handle = self.mods_d[self.classifier].register_forward_hook(keep)
+        try:
+            for b in self.batches:
+                self.mods_d[""](b.clone())
+        finally:
+            handle.remove()
+        self.env_d[node.args[0]], self.env_d[node] = inputs, outputs
 
     def _check_output(self, node: fx.Node) -> None:
         pending = [a for a in node.all_input_nodes if a in self.scale]
@@ -181,7 +237,9 @@ class _Walk:
     def _free(self, node: fx.Node, read_later: set[fx.Node]) -> None:
         for inp in node.all_input_nodes:
             if inp not in read_later:
-                self.env_p.pop(inp), self.env_d.pop(inp)
+                self.env_p.pop(inp)
+                if inp in self.env_d.chunks:
+                    self.env_d.pop(inp)
 
     # -- pending scales of the identity stream
 
@@ -217,13 +275,24 @@ class _Walk:
         if any("bn" in op.sites or op.recalibrate_bn for op in self.ops) and bn.running_var is None:
             raise ValueError(f"BatchNorm {name} tracks no running statistics (track_running_stats=False): "
                              f"{', '.join(op.op for op in self.ops)} cannot act on it")  # fmt: skip
-        x_p, x_d = self.env_p[node.args[0]], self.env_d[node.args[0]]
-        m = accumulate(zip(x_p, x_d, strict=True)).check_finite(f"BN input of {name}")
-        ratio = m.cov[0, 0] / m.cov[1, 1].clamp_min(EPS_VAR)
+        x_p = self.env_p[node.args[0]]
+        # the pruned moments alone serve the recalibration and the ratio, in every dense mode (the same values)
+        m_p = channel_moments(x_p).check_finite(f"BN input of {name}")
+        if self.dense_mode == "lockstep":
+            var_d = channel_moments(self.env_d[node.args[0]]).check_finite(f"dense BN input of {name}").cov[0, 0]
+            self.report.variance_reference[name] = "calibration"
+        else:
+            running = self.mods_d[name].running_var
+            var_d = running.to(m_p.cov) if running is not None else torch.full_like(m_p.cov[0, 0], torch.nan)
+            self.report.variance_reference[name] = "running"
+        ratio = m_p.cov[0, 0] / var_d.clamp_min(EPS_VAR)
         if self.recalibrate:
-            recalibrate(bn, m)
-        for op in self.ops:
-            if "bn" in op.sites:
+            recalibrate(bn, m_p)
+        correcting = [op for op in self.ops if "bn" in op.sites]
+        if correcting:  # the joint moments of (pruned, dense) only where an operator reads them
+            x_d = self.env_d[node.args[0]]
+            m = accumulate(zip(x_p, x_d, strict=True)).check_finite(f"BN input of {name}")
+            for op in correcting:
                 op.correct_bn(bn, self.mods_d[name], m)
         if name not in self.report.bn_sites:
             self.report.bn_sites.append(name)
@@ -316,6 +385,18 @@ class _Walk:
             linear.bias.add_(linear.weight @ b)
         linear.weight.mul_(g)
         self.report.gains[f"{node.target}@input"] = g.float().cpu()
+
+
+def _dense_mode(ops: list[Operator], nodes: list[fx.Node], modules: Modules, classifier: str | None) -> str:
+    """How a walk runs the dense network (``_Walk``): ``none`` when no operator reads it, ``classifier`` when the
+    operators that read it act only at the classifier (called once), ``lockstep`` otherwise."""
+    readers = [op for op in ops if op.needs_dense]
+    if not readers:
+        return "none"
+    calls = [n for n in nodes if n.op == "call_module" and n.target == classifier]
+    if all(op.sites <= CLASSIFIER_SITES for op in readers) and len(calls) == 1:
+        return "classifier"
+    return "lockstep"
 
 
 def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,26 @@ import torch
 import torch.distributed as dist
 
 
+def world_size() -> int:
+    """The number of processes of torch.distributed's default group; 1 when it is not initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in torch.distributed's default group; 0 when it is not initialised."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def count_over_processes(count: int, device: torch.device | str) -> int:
+    """An integer summed over all processes (on ``device``: NCCL reduces only tensors on the GPU)."""
+    if world_size() == 1:
+        return count
+    return int(all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=device)).item())
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over all processes when torch.distributed is initialised (as is otherwise)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
 
@@ -82,6 +99,31 @@ def accumulate(chunks: Iterable[Sequence[torch.Tensor]]) -> Moments:
     for tensors in chunks:
         m = Moments.of(tensors)
         total = m if total is None else total + m
+    if total is None:
+        raise ValueError("no calibration data: the calibration loader yielded no batch")
+    return total.all_reduce()
+
+
+def channel_moments(chunks: Iterable[torch.Tensor]) -> Moments:
+    """Per-channel moments of one variable (k = 1) over chunks; reduced across processes.
+
+    Faster than ``accumulate`` for one variable, and no less accurate: each (sample, channel) is centred on its own
+    float32 mean m (one mean, then the sum and the norm of the centred values), and the raw sums are restored in
+    float64, so the variance does not cancel in float32 when |mean| >> std.
+    """
+    total = None
+    for t in chunks:
+        x = t.detach().to(torch.promote_types(t.dtype, torch.float32))
+        x = x.reshape(x.shape[0], x.shape[1], -1)
+        n = x.shape[2]
+        m = x.mean(2, keepdim=True)
+        d = x - m
+        s, q = d.sum(2).double(), torch.linalg.vector_norm(d, dim=2).double().square()
+        m = m.squeeze(2).double()  # sum x = n m + s, sum x^2 = q + 2 m s + n m^2 (m is the rounded mean: s != 0)
+        count = torch.tensor(float(x.shape[0] * n), dtype=torch.float64, device=x.device)
+        sums, grams = (n * m + s).sum(0), (q + 2 * m * s + n * m.square()).sum(0)
+        chunk = Moments(count, sums[None], grams[None, None])
+        total = chunk if total is None else total + chunk
     if total is None:
         raise ValueError("no calibration data: the calibration loader yielded no batch")
     return total.all_reduce()

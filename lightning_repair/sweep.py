@@ -38,14 +38,14 @@ The Fashion-MNIST CPU reproduction (README), from the repository root:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import itertools
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, pstdev
@@ -54,22 +54,32 @@ from typing import Any
 import matplotlib.image
 import numpy as np
 import torch
+import torch.distributed as dist
+from jsonargparse import ActionYesNo
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm.auto import tqdm
 
+from . import interrupts
 from .allocation import PROFILE_METHODS, Allocation
-from .cli import ConfigError, RepairCLI, fit_epilog, reported_errors
+from .cache import DigestCache, batches_digest, dense_accuracy_key, model_digest, profile_codec
+from .cli import ConfigError, RepairCLI, check_full_test_set, fit_epilog, reported_errors
 from .datamodule import ImageDataModule
-from .diagnostics import rr_profile
+from .diagnostics import DEFAULT_GRID, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate
 from .export import atomic_write_bytes, atomic_write_json
-from .models import NetworkSpec, network_config
-from .oneshot import OneShotResult, prune_and_repair
+from .filelock import locked
+from .launch import on_every_process
+from .models import NetworkSpec, load_dense, network_config
+from .module import PruneRepairModule, Sparsity
 from .operators import Operator, parse_recipe
-from .pipeline import PruneRepairModule, Sparsity, init_args, load_calibration, load_dense
+from .pipeline import prune_and_repair
+from .records import init_args, run_record, state_digest
+from .stats import count_over_processes, world_size
+from .stats import rank as process_rank
 from .stores import Activations
 from .utils import timed
 
@@ -77,6 +87,7 @@ RESULTS = "results.csv"
 PLOT = "accuracy_vs_sparsity.png"
 TABLE = "results.md"
 IDENTITY = "sweep.json"
+LOCK = ".results.lock"
 
 # results.csv columns and their types; the first five are a cell's key. Times are seconds: the cell's
 # phases, and the work its seed shares: one dense forward pass over the calibration batches and the RR
@@ -88,8 +99,10 @@ COLUMNS: dict[str, type] = {
     "achieved_sparsity": float,
     "time_allocation": float, "time_masking": float, "time_repair": float, "time_evaluation": float,
     "time_calibration_forward": float, "time_rr_profile": float,
-    "test_samples": int, "calibration_samples": int,
+    "test_samples": int, "calibration_samples": int, "state_sha256": str,
 }  # fmt: skip
+# a results.csv written before state_sha256 was recorded: read with an empty digest, rewritten with the column
+OPTIONAL = ("state_sha256",)
 KEY = ("checkpoint", "allocation", "sparsity", "repair", "seed")
 
 # Data options that change how a sweep runs but not its results: a sweep may resume with other values.
@@ -215,9 +228,10 @@ def read_results(path: Path) -> list[dict]:
         return []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != list(COLUMNS):
+        older = [k for k in COLUMNS if k not in OPTIONAL]
+        if reader.fieldnames not in (list(COLUMNS), older):
             raise ValueError(f"{path} has columns {reader.fieldnames}, expected {list(COLUMNS)}")
-        rows = [{k: COLUMNS[k](v) for k, v in row.items()} for row in reader]
+        rows = [{k: COLUMNS[k](row.get(k, "")) for k in COLUMNS} for row in reader]
     keys = [row_key(r) for r in rows]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path} holds more than one row for the same cell; remove the duplicates")
@@ -262,25 +276,19 @@ def check_identity(output: Path, network: NetworkSpec | dict, dm: ImageDataModul
 
 
 class CachedEvaluation:
-    """Test accuracy keyed by the model's parameters and buffers: an identical model is evaluated once."""
+    """Test accuracy keyed by the model's parameters and buffers: an identical model is evaluated once. Under DDP
+    each process evaluates its own shard of the test set and the counts are summed (``evaluate``)."""
 
-    def __init__(self, dm: ImageDataModule, device: torch.device | str):
-        self.dm, self.device = dm, device
+    def __init__(self, dm: ImageDataModule, device: torch.device | str, rank: int = 0, world_size: int = 1):
+        self.dm, self.device, self.rank, self.world_size = dm, device, rank, world_size
         self.cache: dict[str, dict] = {}
 
     def __call__(self, model: nn.Module, _description: str = "") -> dict:  # oneshot.Evaluate
-        key = fingerprint(model)
+        key = state_digest(model.state_dict())
         if key not in self.cache:
-            self.cache[key] = evaluate(model, self.dm.evaluation_dataloader(), self.device)
+            loader = self.dm.evaluation_dataloader(self.rank, self.world_size)
+            self.cache[key] = evaluate(model, loader, self.device)
         return self.cache[key]
-
-
-def fingerprint(model: nn.Module) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def with_calibration_seed(dm: ImageDataModule, seed: int) -> ImageDataModule:
@@ -288,6 +296,51 @@ def with_calibration_seed(dm: ImageDataModule, seed: int) -> ImageDataModule:
     if seed == dm.hparams.calibration_seed:
         return dm
     return type(dm)(**{**init_args(dm), "calibration_seed": seed})
+
+
+def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """Shard I/N: every N-th cell of the grid, from the I-th. The shards of a grid are disjoint and cover it."""
+    return cells if shard is None else cells[shard[0] :: shard[1]]
+
+
+class Results:
+    """``output/results.csv``, shared by every shard of a sweep: each change reads the table, merges and rewrites it
+    (atomically) under a lock on ``output/.results.lock``, so shards finishing at the same moment lose no row and
+    repeat none. Rows are kept in grid order (rows of cells outside the grid first, as they were)."""
+
+    def __init__(self, output: Path, cells: list[Cell]):
+        self.path, self.lock = output / RESULTS, output / LOCK
+        self.order = {c.key: i for i, c in enumerate(cells)}
+
+    def read(self) -> list[dict]:
+        with locked(self.lock):
+            return read_results(self.path)
+
+    def add(self, row: dict) -> bool:
+        """Add a cell's row, unless a row for that cell is there already (another process ran it): False then."""
+        with locked(self.lock):
+            rows = read_results(self.path)
+            if row_key(row) in {row_key(r) for r in rows}:
+                return False
+            rows = sorted([*rows, row], key=lambda r: self.order.get(row_key(r), -1))
+            write_results(self.path, rows)
+            return True
+
+    def saved(self) -> str:
+        """What an interrupted sweep leaves, and how to go on: for the interruption's one line."""
+        done = sum(row_key(r) in self.order for r in read_results(self.path))
+        rest = len(self.order) - done
+        then = f"run the same command again to run the other {rest}" if rest else "the grid is complete"
+        return f"{done} of {len(self.order)} cells are saved in {self.path}; {then}"
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (itself without a process group)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def run_sweep(
@@ -299,62 +352,96 @@ def run_sweep(
     config: str | None = None,
     rr_repair: str = "vm",
     activations: Activations = "device",
+    shard: tuple[int, int] | None = None,
 ) -> list[dict]:
-    """Run the cells missing from ``output/results.csv``, adding each row as it finishes; return the cells' rows.
+    """Run the cells (of ``shard`` I/N only, if given: ``shard_cells``) missing from ``output/results.csv``, adding
+    each row as it finishes; return the rows of ``cells`` that results.csv now holds (all the shards' so far).
 
-    ``config`` (the sweep's YAML) is saved as ``output/config.yaml``. Rows of cells that are not in
-    ``cells`` (an earlier, larger grid) stay in results.csv.
+    ``config`` (the sweep's YAML) is saved as ``output/config.yaml``. Rows of cells that are not in ``cells`` (an
+    earlier, larger grid) stay in results.csv. Several processes may run shards into one ``output`` at once (see
+    ``Results``). Under DDP (a process group is initialized) every process runs every cell on its own shard of the
+    calibration and test sets, every statistic and count summed across processes as in ``lightning-repair fit``, and
+    process 0 alone reads and writes ``output``.
     """
-    output.mkdir(parents=True, exist_ok=True)
-    check_identity(output, network, dm)
-    if config is not None:
-        atomic_write_bytes(output / "config.yaml", config.encode())
-    rows = read_results(output / RESULTS)
-    done = {row_key(r) for r in rows}
-    todo = [c for c in cells if c.key not in done]
-    if len(todo) < len(cells):
-        print(f"resuming the sweep in {output}: {len(cells) - len(todo)} of {len(cells)} cells are already in "
+    rank, world = process_rank(), world_size()
+    results = Results(output, cells)
+    state: dict[str, Any] = {}
+    if rank == 0:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            with locked(output / LOCK):
+                check_identity(output, network, dm)
+                if config is not None:
+                    atomic_write_bytes(output / "config.yaml", config.encode())
+                state["done"] = {row_key(r) for r in read_results(output / RESULTS)}
+        except (OSError, ValueError) as err:
+            state["error"] = err
+    state = _from_rank_zero(state)  # one decision for every process: none may wait in a collective for another
+    if "error" in state:
+        raise state["error"]
+    mine = shard_cells(cells, shard)
+    todo = [c for c in mine if c.key not in state["done"]]
+    show = rank == 0
+    of = f" of shard {shard[0]}/{shard[1]}" if shard else ""
+    if len(todo) < len(mine) and show:
+        print(f"resuming the sweep in {output}: {len(mine) - len(todo)} of {len(mine)} cells{of} are already in "
               f"{RESULTS}, {len(todo)} to run", file=sys.stderr)  # fmt: skip
-    test = CachedEvaluation(dm, device)
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell", dynamic_ncols=True)
+    interrupts.set_note(results.saved)
+    test = CachedEvaluation(dm, device, rank, world)
+    cache = DigestCache(output / "cache", log=tqdm.write)  # the dense accuracy and RR profile, across sweeps
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sweep" + of.replace(" of shard", ""),
+               unit="cell", dynamic_ncols=True, disable=not show)  # fmt: skip
     for checkpoint, by_checkpoint in itertools.groupby(todo, key=lambda c: c.checkpoint):
-        dense = load_dense(network, checkpoint, dm, device)
-        acc_dense = test(dense)
+        dm.setup("fit")
+        dense = load_dense(network, checkpoint, device, dm.hparams.dataset, dm.info)
+        digests = {"model": model_digest(dense), "network": network_config(network)}  # as fit's cache keys
+        acc_dense, _ = cache.get_or_compute(
+            "dense_accuracy", dense_accuracy_key(digests, dm, "32-true"), lambda d=dense: test(d), "the dense accuracy"
+        )
         for seed, by_seed in itertools.groupby(by_checkpoint, key=lambda c: c.seed):
             seed_cells = list(by_seed)
-            calibration = load_calibration(with_calibration_seed(dm, seed), device)
+            calibration = with_calibration_seed(dm, seed).calibration_batches(device, rank, world)
+            calibration_samples = count_over_processes(sum(map(len, calibration)), device)
             shared = {"calibration_forward": calibration_forward_time(dense, calibration), "rr_profile": 0.0}
             profile = None
             if any(c.allocation_spec.method in PROFILE_METHODS for c in seed_cells):
+                key = digests | {"calibration": batches_digest(calibration), "grid": check_grid(DEFAULT_GRID),
+                                 "rr_repair": rr_repair}  # fmt: skip
+                compute = lambda d=dense, c=calibration: rr_profile(d, c, repair=rr_repair)  # noqa: E731
                 with timed(shared, "rr_profile"):
-                    profile = rr_profile(dense, calibration, repair=rr_repair)
+                    profile, _ = cache.get_or_compute("rr_profile", key, compute, "the RR profile", *profile_codec())
             for cell in seed_cells:
                 bar.set_postfix_str(f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}")
                 start = time.perf_counter()
                 result = prune_and_repair(dense, calibration, cell.sparsity, cell.allocation_spec, cell.recipe, test,
                                           profile=profile, activations=activations)  # fmt: skip
-                rows.append(_row(cell, acc_dense, result, shared, sum(map(len, calibration))))
-                write_results(output / RESULTS, rows)
-                bar.write(
-                    f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}: accuracy dense "
-                    f"{acc_dense['top1']:.4f} pruned {result.pruned['top1']:.4f} repaired "
-                    f"{result.repaired['top1']:.4f} ({time.perf_counter() - start:.1f} s)"
-                )
+                record = run_record(result, acc_dense, cell.sparsity, cell.allocation, cell.recipe,
+                                    result.timings | shared, calibration_samples)  # fmt: skip
+                if show:
+                    added = results.add(results_row(cell, record))
+                    bar.write(
+                        f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}: accuracy dense "
+                        f"{acc_dense['top1']:.4f} pruned {result.pruned['top1']:.4f} repaired "
+                        f"{result.repaired['top1']:.4f} ({time.perf_counter() - start:.1f} s)"
+                        + ("" if added else "; another process had saved this cell first, its row is kept")
+                    )
                 bar.update()
     bar.close()
-    wanted = {c.key for c in cells}
-    return [r for r in rows if row_key(r) in wanted]
+    if rank != 0:
+        return []
+    return [r for r in results.read() if row_key(r) in results.order]
 
 
-def _row(cell: Cell, acc_dense: dict, result: OneShotResult, shared: dict, calibration_samples: int) -> dict:
-    runs = {"dense": acc_dense, "pruned": result.pruned, "repaired": result.repaired}
+def results_row(cell: Cell, record: dict) -> dict:
+    """A results.csv row: the cell's key and the columns of ``COLUMNS`` read off the run record."""
     row = dict(zip(KEY, cell.key, strict=True))
-    row |= {f"acc_{k}": v["top1"] for k, v in runs.items()}
-    row |= {f"top5_{k}": v["top5"] for k, v in runs.items()}
-    row["achieved_sparsity"] = result.achieved_sparsity
-    row |= {f"time_{k}": result.timings.get(k, 0.0) for k in ("allocation", "masking", "repair", "evaluation")}
-    row |= {f"time_{k}": v for k, v in shared.items()}
-    row |= {"test_samples": result.repaired["samples"], "calibration_samples": calibration_samples}
+    row |= {f"acc_{k}": v for k, v in record["accuracy"].items()}
+    row |= {f"top5_{k}": v for k, v in record["accuracy_top5"].items()}
+    row["achieved_sparsity"] = record["sparsity"]["achieved"]
+    timings = record["timings_s"]
+    row |= {f"time_{k[5:]}": timings.get(k[5:], 0.0) for k in COLUMNS if k.startswith("time_")}
+    row |= {"test_samples": record["test_samples"], "calibration_samples": record["calibration_samples"],
+            "state_sha256": record["state_sha256"]}  # fmt: skip
     return row
 
 
@@ -471,18 +558,54 @@ def report(rows: list[dict], output: Path) -> str:
     with SummaryWriter(str(output / "tensorboard")) as writer:
         writer.add_image("sweep/accuracy_vs_sparsity", image[..., :3], global_step=len(rows), dataformats="HWC")
         writer.add_text("sweep/summary", "```\n" + table + "\n```", global_step=len(rows))
+    log_cells(rows, output / "tensorboard" / "cells")
     return table
+
+
+CELL_METRICS = ("acc_dense", "acc_pruned", "acc_repaired", "top5_repaired", "achieved_sparsity", "time_repair")
+
+
+def cell_run_name(row: dict) -> str:
+    """A cell's TensorBoard run: ``<checkpoint file>/<allocation>-<sparsity>/<repair>/seed<seed>``."""
+    repair = re.sub(r"[^\w.+-]+", "_", row["repair"]).strip("_")
+    return f"{Path(row['checkpoint']).stem}/{row['allocation']}-{row['sparsity']:g}/{repair}/seed{row['seed']}"
+
+
+def log_cells(rows: list[dict], folder: Path) -> None:
+    """One TensorBoard run per cell under ``folder``, holding its hparams (checkpoint, allocation, sparsity, repair,
+    seed) and metrics (``CELL_METRICS``, as ``hp/<metric>`` scalars): TensorBoard's HParams view filters and
+    compares the cells. A cell's run is rewritten on every report, so a resumed sweep leaves one record per cell."""
+    for row in rows:
+        run = folder / cell_run_name(row)
+        for old in run.glob("events.out.tfevents.*") if run.is_dir() else ():
+            old.unlink()
+        hparams = {k: row[k] for k in ("checkpoint", "allocation", "sparsity", "repair", "seed")}
+        metrics = {f"hp/{m}": row[m] for m in CELL_METRICS}
+        with SummaryWriter(str(run)) as writer:  # one events file per cell (add_hparams would open a second one)
+            for summary in hparams_summaries(hparams, metrics):
+                writer._get_file_writer().add_summary(summary)
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, 0)
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 class SweepCLI(RepairCLI):
-    """The ``lightning-repair fit`` parser with ``grid`` and ``output`` added."""
+    """The ``lightning-repair fit`` parser with ``grid``, ``output``, ``shard`` and ``report`` added."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(Grid, "grid")
         parser.add_argument("--output", type=str, default="sweep", help="folder for results.csv and the figures")
+        parser.add_argument(
+            "--shard", type=str | None, default=None,
+            help="I/N: run every N-th cell of the grid from the I-th (I in 0..N-1), for N jobs sharing one output "
+            "folder; in a SLURM job array it defaults to the array task's index and count",
+        )  # fmt: skip
+        parser.add_argument(
+            "--report", action=ActionYesNo, default=False,
+            help="run nothing: rebuild results.md, the figure and the TensorBoard summary from results.csv",
+        )  # fmt: skip
 
 
 def build_cli(args: list[str] | None = None) -> SweepCLI:
@@ -495,6 +618,32 @@ def build_cli(args: list[str] | None = None) -> SweepCLI:
     )  # fmt: skip
 
 
+def parse_shard(spec: str | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """``--shard I/N`` as (I, N); without it, a SLURM job array task's (index - min) / step and count; else None."""
+    if spec is None:
+        if "SLURM_ARRAY_TASK_ID" not in environ:
+            return None
+        try:
+            task, count = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ["SLURM_ARRAY_TASK_COUNT"])
+            low, step = int(environ.get("SLURM_ARRAY_TASK_MIN", "0")), int(environ.get("SLURM_ARRAY_TASK_STEP", "1"))
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"SLURM job array variables unreadable ({err}): pass --shard I/N") from None
+        index, rest = divmod(task - low, step) if step > 0 else (-1, 0)
+        if rest or not 0 <= index < count:
+            raise ConfigError(
+                f"SLURM array task {task} is not one of {count} evenly spaced indices from {low}: submit with "
+                f"--array=0-{count - 1}, or pass --shard I/N"
+            )
+        return index, count
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not match:
+        raise ConfigError(f"--shard {spec!r}: expected I/N, e.g. 0/4 (shard I of N, I in 0..N-1)")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or index >= count:
+        raise ConfigError(f"--shard {spec}: I must be in 0..N-1" + (f" (0..{count - 1})" if count else ""))
+    return index, count
+
+
 def main(args: list[str] | None = None) -> None:
     with reported_errors("lightning-repair-sweep"):
         sweep(args)
@@ -503,16 +652,44 @@ def main(args: list[str] | None = None) -> None:
 def sweep(args: list[str] | None = None) -> None:
     cli = build_cli(args)
     trainer = cli.trainer
-    if trainer.num_devices * trainer.num_nodes > 1:
-        raise ConfigError("a sweep runs in one process; set trainer.devices: 1")
     output = Path(cli.config.output)
     model, dm = cli.model, cli.datamodule
     cells = grid_cells(cli.config_init.grid, model, dm)
+    if cli.config.report:
+        rows = Results(output, cells).read() if output.is_dir() else []
+        if not rows:
+            raise ValueError(f"{output / RESULTS} holds no row: nothing to report")
+        print(report(rows, output))
+        print(f"\n{len(rows)} rows of {output / RESULTS}; figure {output / PLOT}; table {output / TABLE}")
+        return
+    check_full_test_set(trainer, "sweeps")
+    shard = parse_shard(cli.config.shard)
+    saved = cli.config.clone()
+    saved.shard, saved.report = None, False  # config.yaml reruns the whole sweep, whichever shard wrote it
+    config = cli.parser.dump(saved)
     network = model.hparams.network  # the config form: it names the architecture in sweep.json
-    rows = run_sweep(network, dm, cells, output, trainer.strategy.root_device, cli.parser.dump(cli.config),
-                     model.hparams.rr_repair, model.hparams.activations)  # fmt: skip
-    print(report(rows, output))
-    print(f"\n{len(rows)} cells in {output / RESULTS}; figure {output / PLOT}; table {output / TABLE}")
+
+    def work() -> None:
+        rows = run_sweep(network, dm, cells, output, trainer.strategy.root_device, config, model.hparams.rr_repair,
+                         model.hparams.activations, shard)  # fmt: skip
+        if not trainer.is_global_zero:
+            return
+        with locked(output / LOCK):  # the last shard to finish reports the whole grid
+            rows = read_results(output / RESULTS)
+            rows = [r for r in rows if row_key(r) in {c.key for c in cells}]
+            if not rows:  # a shard with no cell (more shards than cells) ending first
+                which = f"shard {shard[0]}/{shard[1]}" if shard else "sweep"
+                print(f"{which} done: no cell of the grid in {output / RESULTS} yet")
+                return
+            print(report(rows, output))
+        where = f"figure {output / PLOT}; table {output / TABLE}"
+        if shard is None or len(rows) == len(cells):
+            print(f"\n{len(rows)} cells in {output / RESULTS}; {where}")
+        else:
+            print(f"\nshard {shard[0]}/{shard[1]} done: {len(rows)} of {len(cells)} cells in {output / RESULTS} so "
+                  f"far; {where} (rebuilt by every shard as it ends, or by --report)")  # fmt: skip
+
+    on_every_process(trainer, work)
 
 
 if __name__ == "__main__":

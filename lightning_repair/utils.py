@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +33,6 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
-def is_number(value) -> bool:
-    """A real int or float (not a bool), finite."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+def is_real(value) -> bool:
+    """An int or a float, not a bool (which Python counts as an int); NaN and infinities included."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))

@@ -34,3 +34,17 @@ def batches() -> list[torch.Tensor]:
 def dense_checkpoint(tmp_path) -> Path:
     """``calibrated_dense()`` as a plain state_dict file, for ``pipeline_config``."""
     return save_dense_checkpoint(tmp_path / "dense.pt")
+
+
+# Names whose use in a test's body means it drives a whole command (``lightning-repair fit``/``evaluate``/
+# ``-sweep``, in process or in a subprocess): those tests are marked ``cli`` and left out of ``make test-fast``.
+CLI_DRIVERS = {"run_fit", "main", "build_cli", "sweep", "run_sweep", "subprocess"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        functions = [getattr(item, "function", None)]  # the test, and the fixtures it uses (a fixture may run fit)
+        functions += [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        names = {n for f in functions if hasattr(f, "__code__") for n in f.__code__.co_names}
+        if CLI_DRIVERS & names:
+            item.add_marker(pytest.mark.cli)

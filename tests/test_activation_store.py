@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_repair.cli import main
-from lightning_repair.pipeline import PruneRepairModule
+from lightning_repair.module import PruneRepairModule
 from lightning_repair.repair import repair
 
 from helpers import TINY_NETWORK, calibrated_dense, pipeline_config, pruned_copy, read_metrics, write_config

@@ -315,7 +315,7 @@ def test_budget_equal_to_the_sum_of_caps(method):
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, float("nan")])
 def test_sparsity_out_of_range(sparsity):
-    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\)"):
         allocate(resnet18(), sparsity)
 
 

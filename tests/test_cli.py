@@ -4,14 +4,19 @@ and once as the console script: what the user reads, and where."""
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import torchvision
 from torch.optim.swa_utils import update_bn
+from torch.utils.data import Subset
 
+import lightning_repair
 from lightning_repair.allocation import ALLOCATIONS
 from lightning_repair.cli import ANY_RUN, PRUNE_REPAIR_RUN, main
 from lightning_repair.datamodule import ImageDataModule
@@ -19,7 +24,16 @@ from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network, load_weights
 from lightning_repair.operators import PRESETS
 
-from helpers import TINY_NETWORK, calibrated_dense, pipeline_config, read_metrics, run_dir, run_fit, write_config
+from helpers import (
+    TINY_NETWORK,
+    calibrated_dense,
+    pipeline_config,
+    plain_accuracy,
+    read_metrics,
+    run_dir,
+    run_fit,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -138,6 +152,59 @@ def test_evaluate_an_exported_model(tmp_path, config_path, capsys):
     for name in ("repaired.pt", "repaired.sparse.pt"):
         main(["evaluate", "--config", str(config_path), "--weights", str(run_dir(tmp_path) / name)])
         assert f"top-1 {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_runs_saved_config_and_writes_one_result_file(tmp_path, config_path, capsys):
+    run_fit(config_path)
+    metrics = read_metrics(tmp_path)
+    saved = run_dir(tmp_path) / "config.yaml"  # as Lightning wrote it: with fit's ckpt_path, optimizer, ...
+    assert "ckpt_path: null" in saved.read_text()
+    capsys.readouterr()
+    main(["evaluate", "--config", str(saved), "--weights", str(run_dir(tmp_path) / "repaired.pt")])
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"top-1 {metrics['accuracy']['repaired']:.4f}" in line and "(257 test images, synthetic)" in line
+    result = json.loads((run_dir(tmp_path) / "repaired.evaluation.json").read_text())
+    assert result["accuracy"]["top1"] == metrics["accuracy"]["repaired"]
+    assert result["accuracy"]["top5"] == metrics["accuracy_top5"]["repaired"]
+    assert (result["test_samples"], result["test_set_size"], result["partial"]) == (257, 257, False)
+    assert result["state_sha256"] == metrics["state_sha256"] and result["world_size"] == 1
+
+
+@pytest.mark.parametrize(("limit", "images"), [("2", 64), ("0.5", 128)])
+def test_evaluate_with_limit_test_batches_says_it_is_partial(tmp_path, config_path, capsys, limit, images):
+    """An integer is a number of batches of data.batch_size (32), a fraction a share of the test set; the images
+    are the first ones of the test set, whatever the number of processes."""
+    run_fit(config_path, "--model.rr_grid", "null")
+    weights = run_dir(tmp_path) / "repaired.pt"
+    output = tmp_path / "partial.json"
+    capsys.readouterr()
+    main(["evaluate", "--config", str(config_path), "--weights", str(weights), "--output", str(output),
+          "--trainer.limit_test_batches", limit])  # fmt: skip
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"({images} of 257 test images: partial, trainer.limit_test_batches={limit}" in line
+    result = json.loads(output.read_text())
+    assert (result["test_samples"], result["partial"]) == (images, True)
+    model = load_weights(Network(**TINY_NETWORK).build(), weights)
+    test_set = ImageDataModule(dataset="synthetic", augment=False)
+    test_set.setup()
+    top1, top5 = plain_accuracy(model, Subset(test_set.test_set, range(images)))
+    assert result["accuracy"]["top1"] == pytest.approx(top1) and result["accuracy"]["top5"] == pytest.approx(top5)
+    assert top1 != pytest.approx(read_metrics(tmp_path)["accuracy"]["repaired"])  # not the whole test set's
+
+
+def test_evaluate_refuses_a_limit_that_selects_no_image(tmp_path, config_path, capsys):
+    torch.save(calibrated_dense().state_dict(), tmp_path / "weights.pt")
+    code, err = cli_failure(capsys, config_path, "--weights", str(tmp_path / "weights.pt"),
+                            "--trainer.limit_test_batches", "0", subcommand="evaluate")  # fmt: skip
+    assert code == 2
+    assert_one_error_line(err, "trainer.limit_test_batches=0", "selects no test image")
+
+
+def test_fit_refuses_limit_test_batches(tmp_path, capsys, config_path):
+    code, err = cli_failure(capsys, config_path, "--trainer.limit_test_batches", "2")
+    assert code == 2
+    assert_one_error_line(err, "trainer.limit_test_batches=2", "whole test set", "lightning-repair evaluate")
+    assert not run_dir(tmp_path).exists()
 
 
 # ----------------------------------------------------------------------------- errors
@@ -265,3 +332,89 @@ def test_console_run_prints_results_on_stdout_and_no_framework_noise(tmp_path, c
     assert verbose.returncode == 0, verbose.stderr
     shown = [m for m in PRUNE_REPAIR_RUN if m in verbose.stderr]
     assert len(shown) >= 4, verbose.stderr  # the per-step logging warning depends on the batch count
+
+
+# ----------------------------------------------------------------------------- help order, your own model
+
+
+def test_fit_help_starts_with_the_tool_and_model_help_lists_no_module_zoo(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    first = lambda text: next(i for i, line in enumerate(lines) if text in line)  # noqa: E731
+    assert first("--model.repair") < 80 and first("--model.sparsity") < 80 and first("--model.allocation") < 80
+    assert first("repair presets") < 80
+    # the data group before Lightning's trainer options
+    assert first("--data.calibration_size") < first("--trainer.accelerator") < first("--trainer.max_epochs")
+    assert first("--model.repair") < first("--trainer.accelerator")
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lightning_repair.PruneRepairModule"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) < 150 and first("--model.checkpoint") < 60, len(lines)
+    assert "torch.nn.Identity" not in out and "torch.nn.ReLU," not in out
+    assert re.search(r"and\s+\d+\s+more:\s+any\s+importable\s+class\s+or\s+builder\s+function", out)
+
+
+MY_MODULE = '''
+import torch
+from torch import nn
+
+
+class MyNet(nn.Module):
+    """A user's CNN in a file of the working directory."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+'''
+
+
+def test_class_path_from_the_working_directory_with_the_console_script(tmp_path):
+    """`class_path: mymodule.MyNet` for mymodule.py in the working directory, run by the console script (which,
+    unlike `python -m`, does not put the working directory on sys.path by itself)."""
+    (tmp_path / "mymodule.py").write_text(MY_MODULE)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    make = "import torch, mymodule; torch.manual_seed(0); torch.save(mymodule.MyNet().state_dict(), 'mynet.pt')"
+    subprocess.run([sys.executable, "-c", make], cwd=tmp_path, check=True, env=env)
+    config = pipeline_config(tmp_path, tmp_path / "mynet.pt", rr_grid=[0.5, 0.9])
+    config["model"]["init_args"]["network"] = {"class_path": "mymodule.MyNet", "init_args": {"width": 8}}
+    write_config(tmp_path / "config.yaml", config)
+    command = [os.path.join(os.path.dirname(sys.executable), "lightning-repair"), "fit", "--config", "config.yaml"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    metrics = read_metrics(tmp_path)
+    assert metrics["config"]["network"]["class_path"] == "mymodule.MyNet"
+    assert [row["name"] for row in metrics["layers"]] == ["conv", "conv2", "fc"]
+    assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-2)
+
+
+def test_a_builder_function_by_class_path(tmp_path):
+    """`class_path: torchvision.models.resnet18` (a function returning the module), end to end."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), checkpoint)
+    network = {"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 10}}
+    config = pipeline_config(tmp_path, checkpoint, rr_grid=[0.9], repair="bn_recalibration")
+    config["model"]["init_args"]["network"] = network
+    config["trainer"]["logger"]["init_args"] = {"save_dir": str(tmp_path / "logs"), "name": ""}
+    with pytest.warns(UserWarning, match="RR profile from only"):
+        run_fit(write_config(tmp_path / "config.yaml", config))
+    (metrics_path,) = (tmp_path / "logs").rglob("metrics.json")
+    run_name = metrics_path.parent.relative_to(tmp_path / "logs").as_posix()
+    assert run_name == "resnet18/erk-0.9/bn_recalibration/version_0"
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["config"]["network"]["class_path"] == "torchvision.models.resnet18"
+    assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)
+    assert len(metrics["layers"]) == 21  # 20 convs and the classifier
+    model, _ = lightning_repair.load(metrics_path.parent / "repaired.pt")  # the recorded builder, rebuilt
+    assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 10

@@ -6,6 +6,7 @@ drive the real console script in a subprocess; the 1-process reference runs in t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,15 +21,26 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from lightning_repair import sweep
+from lightning_repair.cli import main
 from lightning_repair.data import build_datasets
 from lightning_repair.diagnostics import rr_profile
 from lightning_repair.evaluation import evaluate
 from lightning_repair.models import Network, load_weights
 from lightning_repair.operators import PRESETS
-from lightning_repair.pipeline import replica_digest, state_digest
+from lightning_repair.records import replica_digest, state_digest
 from lightning_repair.stats import Moments
+from lightning_repair.sweep import read_results
 
-from helpers import TINY_NETWORK, pipeline_config, read_metrics, run_dir, run_fit, write_config
+from helpers import (
+    TINY_NETWORK,
+    pipeline_config,
+    read_metrics,
+    run_dir,
+    run_fit,
+    save_dense_checkpoint,
+    write_config,
+)
 
 CLI = Path(sys.executable).with_name("lightning-repair")
 DDP_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
@@ -43,20 +55,24 @@ CALIBRATION_SIZE, BATCH_SIZE = 101, 16
 
 def run_cli(config: Path, *flags: str, timeout: float = 900) -> None:
     """``lightning-repair fit --config CONFIG FLAGS...`` in a subprocess, in the config's folder."""
+    run_command([str(CLI), "fit", "--config", str(config), *flags], config.parent, timeout)
+
+
+def run_command(command: list[str], cwd: Path, timeout: float = 900) -> str:
+    """A command in a subprocess without the variables of an outer launcher; its stdout (stderr shown on failure)."""
     env = {k: v for k, v in os.environ.items() if not LAUNCHER_VARIABLES.fullmatch(k)} | {"OMP_NUM_THREADS": "1"}
-    command = [str(CLI), "fit", "--config", str(config), *flags]
     # a session of its own, so that a hung rank 1 (a child of rank 0) is killed with it
     proc = subprocess.Popen(
-        command, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        output, errors = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s (a rank waiting in a collective?)\n{output}")
-    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{output}"
+        output, errors = proc.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s (a rank waiting in a collective?)\n{errors}")
+    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{output}\n{errors}"
+    return output
 
 
 def written_files(root: Path) -> list[str]:
@@ -128,7 +144,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         results[name] = {
             "root": root,
             "metrics": read_metrics(root),
-            "state": torch.load(run_dir(root) / "repaired.pt", weights_only=True),
+            "state": torch.load(run_dir(root) / "repaired.pt", weights_only=True)["state_dict"],
         }
     results["dense"] = torch.load(checkpoint, weights_only=True)
     return results
@@ -269,3 +285,65 @@ def test_dense_training_under_ddp(tmp_path):
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
     assert written_files(tmp_path).count("run/events") == 1
     load_weights(Network(**TINY_NETWORK).build(), checkpoint)  # the pipeline reads it as a dense checkpoint
+
+
+# ----------------------------------------------------------------------------- evaluate and sweeps
+
+
+def result_line(stdout: str, weights: Path) -> str:
+    """The one result line of ``lightning-repair evaluate``: no process but rank 0 prints one."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith(f"{weights}: top-1 ")]
+    return line
+
+
+@pytest.mark.ddp
+def test_evaluate_on_two_processes_matches_one(runs, tmp_path):
+    """The 2-process run's own saved config.yaml (devices 2, ddp) and --weights, nothing else: Lightning starts the
+    second process; then the same under torchrun; each process evaluates half of the 257 test images."""
+    run = run_dir(runs["two"]["root"])
+    weights, config = run / "repaired.pt", run / "config.yaml"
+    assert "strategy: ddp" in config.read_text() and "devices: '2'" in config.read_text()
+    main(["evaluate", "--config", str(config), "--weights", str(weights), "--trainer.devices", "1",
+          "--trainer.strategy", "auto", "--output", str(tmp_path / "one.json")])  # fmt: skip
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["accuracy"]["top1"] == runs["two"]["metrics"]["accuracy"]["repaired"]
+    assert (one["world_size"], one["test_samples"]) == (1, 257)
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for name, launcher in (("lightning", [str(CLI)]), ("torchrun", [*torchrun, "-m", "lightning_repair.cli"])):
+        output = tmp_path / f"{name}.json"
+        stdout = run_command([*launcher, "evaluate", "--config", str(config), "--weights", str(weights),
+                              "--output", str(output)], tmp_path)  # fmt: skip
+        line = result_line(stdout, weights)
+        assert f"top-1 {one['accuracy']['top1']:.4f}  top-5 {one['accuracy']['top5']:.4f}" in line, name
+        assert "(257 test images, synthetic, 2 processes)" in line, name
+        two = json.loads(output.read_text())
+        assert two["accuracy"] == one["accuracy"], name  # exact counts, summed: equal to the last image
+        assert (two["world_size"], two["test_samples"], two["partial"]) == (2, 257, False), name
+        assert two["state_sha256"] == one["state_sha256"] == runs["two"]["metrics"]["state_sha256"]
+
+
+SWEEP_GRID = {"allocations": ["erk", "rr"], "sparsities": [0.9, 0.95], "repairs": ["asr"]}
+
+
+@pytest.mark.ddp
+def test_sweep_on_two_processes_matches_one(tmp_path):
+    """Every cell: the same accuracies, sample counts and repaired model (state_sha256) as one process. The 64
+    calibration images in batches of 32 give each process whole batches of the 1-process run, so every sum adds
+    the same partial sums in the same order and the models are bit-identical."""
+    checkpoint = save_dense_checkpoint(tmp_path / "dense.pt")
+    rows = {}
+    for name in ("one", "two"):
+        config = pipeline_config(tmp_path, checkpoint) | {"grid": SWEEP_GRID, "output": str(tmp_path / name)}
+        path = write_config(tmp_path / f"{name}.yaml", config)
+        if name == "one":
+            sweep.main(["--config", str(path)])
+        else:
+            stdout = run_command([sys.executable, "-m", "lightning_repair.sweep", "--config", str(path), *DDP_FLAGS],
+                                 tmp_path)  # fmt: skip
+            assert stdout.count("4 cells in") == 1  # the summary, printed by process 0 only
+        rows[name] = read_results(tmp_path / name / "results.csv")
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time_")}  # noqa: E731
+    assert [strip(r) for r in rows["two"]] == [strip(r) for r in rows["one"]]
+    assert len({r["state_sha256"] for r in rows["one"]}) == 4  # four different repaired models
+    assert {r["test_samples"] for r in rows["two"]} == {257} and {r["calibration_samples"] for r in rows["two"]} == {64}

@@ -5,22 +5,32 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_repair import export as export_module
+from lightning_repair.data import DATASETS
 from lightning_repair.export import (
     atomic_torch_save,
     atomic_write_json,
     export,
+    load,
     load_exported,
     load_sparse,
     pack_mask,
     sparse_state,
     unpack_mask,
 )
-from lightning_repair.models import CheckpointMismatchError, Network, load_weights
+from lightning_repair.models import (
+    METADATA_KEY,
+    CheckpointMismatchError,
+    Network,
+    checkpoint_metadata,
+    load_weights,
+    read_checkpoint,
+)
 
 from helpers import TINY_NETWORK, leftover_temp_files, pruned_copy
 
@@ -149,3 +159,64 @@ def test_json_with_nan_is_never_written(tmp_path):
         atomic_write_json(path, {"accuracy": float("nan")})
     assert json.loads(path.read_text()) == {"accuracy": 0.5}
     assert leftover_temp_files(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- checkpoints that describe themselves
+
+SHIPPED = sorted((Path(__file__).parents[1] / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_checkpoints_describe_themselves_in_plain_data(path):
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    metadata = obj[METADATA_KEY]
+    assert json.loads(json.dumps(metadata)) == metadata  # strings, numbers, lists and dicts only
+    assert metadata["format"] == 1 and metadata["input"]["dataset"] == "fashion_mnist"
+    model, normalize = load(path)  # builds the recorded network and loads the weights strictly
+    assert not model.training and normalize.channels == metadata["input"]["channels"]
+    assert model(normalize(torch.rand(2, 1, 28, 28))).shape == (2, 10)
+
+
+def test_repaired_files_record_the_network_and_load_in_one_call(tmp_path, pruned):
+    model, masks = pruned
+    metadata = checkpoint_metadata(Network(**TINY_NETWORK), DATASETS["cifar10"], "cifar10")
+    written = export(model, masks, tmp_path, metadata=metadata)
+    x = torch.rand(3, 3, 16, 16)
+    for name in ("state_dict", "sparse"):
+        obj = torch.load(written[name], map_location="cpu", weights_only=True)
+        assert obj[METADATA_KEY] == metadata
+        loaded, normalize = load(written[name])
+        assert not loaded.training
+        expected = (x - torch.tensor(DATASETS["cifar10"].mean).view(3, 1, 1)) / torch.tensor(
+            DATASETS["cifar10"].std).view(3, 1, 1)  # fmt: skip
+        torch.testing.assert_close(normalize(x), expected)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model.eval()(x))
+    # the plain route: torch.load, then load_state_dict
+    plain = Network(**TINY_NETWORK).build()
+    plain.load_state_dict(torch.load(written["state_dict"], weights_only=True)["state_dict"])
+
+
+def test_load_refuses_a_bare_state_dict_without_a_network_and_a_disagreeing_one(tmp_path, pruned):
+    model, masks = pruned
+    written = export(model, masks, tmp_path)  # no metadata: bare state_dicts, as before
+    assert set(torch.load(written["state_dict"], weights_only=True)) == set(model.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="records no network"):
+        load(written["state_dict"])
+    assert isinstance(load(written["sparse"], network=dict(TINY_NETWORK))[0], torch.nn.Module)
+    described = export(model, masks, tmp_path / "d", metadata=checkpoint_metadata(Network(**TINY_NETWORK)))
+    with pytest.raises(CheckpointMismatchError, match=r'"width":0\.25.*"width":0\.125'):
+        load(described["state_dict"], network=dict(TINY_NETWORK, width=0.25))
+
+
+def test_code_in_the_metadata_is_refused(tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return print, ("the file's code ran",)
+
+    state = Network(**TINY_NETWORK).build().state_dict()
+    torch.save({"state_dict": state, METADATA_KEY: {"format": 1, "network": RunsCode()}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointMismatchError, match="evil.pt"):
+        load(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointMismatchError, match="weights_only"):
+        read_checkpoint(tmp_path / "evil.pt")

@@ -17,8 +17,8 @@ from lightning_repair.graph import UntraceableModelError
 from lightning_repair.layers import prunable_layers
 from lightning_repair.masks import magnitude_mask
 from lightning_repair.models import build_network, load_weights
-from lightning_repair.oneshot import prune_and_repair
 from lightning_repair.operators import PRESETS, parse_recipe
+from lightning_repair.pipeline import prune_and_repair
 
 from helpers import pipeline_config, read_metrics, run_dir, run_fit, write_config
 

@@ -6,28 +6,37 @@ import json
 import os
 import shlex
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+import yaml
 from test_data import _write_fashion_mnist
 
+import lightning_repair
 from lightning_repair import data as data_module
+from lightning_repair.cli import main
+from lightning_repair.data import _read_idx
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.models import (
     ARCHITECTURES,
+    METADATA_KEY,
     VGG,
     CheckpointMismatchError,
     Network,
     ResNet,
     build_network,
+    checkpoint_metadata,
     input_channels,
+    load_dense,
     load_weights,
     network_config,
     output_classes,
     read_state_dict,
 )
-from lightning_repair.pipeline import load_dense
+
+from helpers import TINY_NETWORK, calibrated_dense, pipeline_config, read_metrics, run_fit, write_config
 
 
 def small(arch: str = "resnet18", **kw) -> torch.nn.Module:
@@ -263,10 +272,86 @@ def test_rgb_stem_on_grayscale_data(tmp_path, monkeypatch):
     torch.save(build_network(network).state_dict(), checkpoint)
     gray = ImageDataModule("fashion_mnist", data_dir=str(tmp_path), augment=False, calibration_size=2)
     with pytest.raises(ValueError, match=r"in_channels=3 but dataset 'fashion_mnist' has .*in_channels=1.*data.rgb"):
-        load_dense(network, str(checkpoint), gray, "cpu")
+        gray.setup()
+        load_dense(network, str(checkpoint), "cpu", "fashion_mnist", gray.info)
     rgb = ImageDataModule("fashion_mnist", data_dir=str(tmp_path), augment=False, calibration_size=2, rgb=True)
-    model = load_dense(network, str(checkpoint), rgb, "cpu")
+    rgb.setup()
+    model = load_dense(network, str(checkpoint), "cpu", "fashion_mnist", rgb.info)
     image, _ = rgb.test_set[0]
     assert image.shape[0] == 3 and torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
     assert torch.equal(image[:1], gray.test_set[0][0])  # the same normalised channel, repeated
     assert model(image[None]).shape == (1, 10)
+
+
+# ---------------------------------------------------------------- checkpoints that describe themselves
+
+REPO = Path(__file__).parents[1]
+SHIPPED_MOBILENET = REPO / "checkpoints" / "fashion_mnist_mobilenetv2.pt"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# the README's "Bring your own model" YAML, as written there (only the checkpoint's path differs)
+README_MOBILENET_YAML = """
+model:
+  class_path: lightning_repair.PruneRepairModule
+  init_args:
+    network:
+      class_path: torchvision.models.MobileNetV2     # or my_package.models.MyNet
+      init_args: {num_classes: 10, width_mult: 0.5}
+    checkpoint: mobilenet_v2.pt                      # a state_dict, a Lightning checkpoint or torchvision's layout
+data:
+  dataset: fashion_mnist
+  rgb: true                                          # torchvision's stems take RGB: the gray channel, repeated
+"""
+
+
+def test_readme_mobilenet_yaml_with_the_shipped_checkpoint_is_refused_naming_both(tmp_path, monkeypatch, capsys):
+    """The README's spec lacks the checkpoint's inverted_residual_setting: the shapes still match (it used to run and
+    report 44% dense top-1), the recorded spec does not."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "mobilenet.yaml"
+    config.write_text(README_MOBILENET_YAML.replace("mobilenet_v2.pt", str(SHIPPED_MOBILENET)))
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 1 and len(err) == 1, err
+    assert "model.network" in err[0] and "differs from the network" in err[0]
+    given, recorded = err[0].split("differs from the network")
+    assert "inverted_residual_setting" not in given and "inverted_residual_setting" in recorded
+    assert "[6,160,3,1]" in recorded and not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian's Fashion-MNIST is not installed")
+def test_shipped_mobilenet_loads_its_own_network_and_reaches_its_accuracy():
+    """lightning_repair.load builds the recorded network (the 88% model); the README's spec, which fits the same
+    weights shape for shape, gives another network."""
+    model, normalize = lightning_repair.load(SHIPPED_MOBILENET)
+    dm = ImageDataModule("fashion_mnist", data_dir=str(FASHION_MNIST), augment=False, rgb=True)
+    dm.setup()
+    images = torch.stack([dm.test_set[i][0] for i in range(1000)])
+    labels = torch.tensor([dm.test_set[i][1] for i in range(1000)])
+    raw = torch.from_numpy(_read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:1000].copy()).float() / 255
+    torch.testing.assert_close(normalize(raw[:, None]), images)  # the recorded normalisation is the data's
+    with torch.no_grad():
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+        readme_spec = yaml.safe_load(README_MOBILENET_YAML)["model"]["init_args"]["network"]
+        wrong = load_weights(build_network(readme_spec), read_state_dict(SHIPPED_MOBILENET)).eval()
+        wrong_accuracy = (wrong(images).argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.85 and wrong_accuracy < 0.7, (accuracy, wrong_accuracy)
+
+
+def test_fit_with_only_a_checkpoint_builds_the_recorded_network(tmp_path):
+    """A checkpoint that records its network needs no model.network; a bare one does, and says so."""
+    network = dict(TINY_NETWORK)
+    state = calibrated_dense().state_dict()
+    described = tmp_path / "described.pt"
+    torch.save({"state_dict": state, METADATA_KEY: checkpoint_metadata(network)}, described)
+    config = pipeline_config(tmp_path, described)
+    del config["model"]["init_args"]["network"]
+    with pytest.warns(UserWarning, match="RR profile from only"):
+        run_fit(write_config(tmp_path / "config.yaml", config))
+    metrics = read_metrics(tmp_path)
+    assert metrics["config"]["network"] == asdict(Network(**network))
+    assert metrics["accuracy"]["dense"] > 0
+    bare = tmp_path / "bare.pt"
+    torch.save(state, bare)
+    with pytest.raises(CheckpointMismatchError, match="records no network .*give model.network"):
+        lightning_repair.PruneRepairModule(checkpoint=str(bare))

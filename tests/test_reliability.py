@@ -27,7 +27,7 @@ from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import mask_violations
 from lightning_repair.models import ARCHITECTURES, CheckpointMismatchError, Network, load_weights
 from lightning_repair.operators import PRESETS
-from lightning_repair.pipeline import state_digest
+from lightning_repair.records import state_digest
 from lightning_repair.repair import repair
 
 from helpers import (
@@ -219,7 +219,7 @@ def test_fully_pruned_and_all_zero_layers_give_finite_results(tmp_path):
     assert all(math.isfinite(a) and 0 <= a <= 1 for a in metrics["accuracy"].values())
     kept = {row["name"]: row["kept"] for row in metrics["layers"]}
     assert [kept[name] for name in emptied] == [0, 0, 0]
-    state = torch.load(run_dir(tmp_path) / "repaired.pt", weights_only=True)
+    state = torch.load(run_dir(tmp_path) / "repaired.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
     assert all(not state[f"{name}.weight"].any() for name in emptied)
 
@@ -278,11 +278,12 @@ def test_same_config_twice_gives_identical_masks_parameters_and_accuracies(tmp_p
     for root in roots:
         root.mkdir()
         fit_with_checkpoint(root, dense_checkpoint, allocation="lamp", repair="clipped_asr")
-    first, second = (torch.load(run_dir(r) / "repaired.pt", weights_only=True) for r in roots)
+    first, second = (torch.load(run_dir(r) / "repaired.pt", weights_only=True)["state_dict"] for r in roots)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     masks = [
-        {k: v for k, v in torch.load(run_dir(r) / "repaired.sparse.pt", weights_only=True).items() if "::mask" in k}
+        {k: v for k, v in torch.load(run_dir(r) / "repaired.sparse.pt", weights_only=True)["state_dict"].items()
+         if "::mask" in k}
         for r in roots
     ]
     assert masks[0] and masks[0].keys() == masks[1].keys()

@@ -10,8 +10,10 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torchvision.ops import StochasticDepth
 
+import lightning_repair.repair as repair_module
 from lightning_repair.masks import mask_violations
 from lightning_repair.operators import PRESETS, BNRecalibration, ClassifierRefit, VarianceMatching, parse_recipe
+from lightning_repair.records import state_digest
 from lightning_repair.repair import repair
 from lightning_repair.stats import accumulate
 
@@ -186,10 +188,12 @@ def _bn_output_variances(model: nn.Module, batches) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("preset", ["bn_recalibration", "default"])
-def test_reported_variance_ratios_are_the_bn_output_ratios(dense, batches, preset):
+def test_reported_variance_ratios_are_the_bn_output_ratios(dense, batches, preset, monkeypatch):
     """After: the repaired model's BN output variances over the dense model's, per channel (these presets change
     no BN after its own site, so a forward pass of the result measures them). Before: the same ratio ahead of
-    the site's own operators, i.e. with the upstream sites repaired; at the first BN, the plain pruned model."""
+    the site's own operators, i.e. with the upstream sites repaired; at the first BN, the plain pruned model.
+    With the dense network walked beside the pruned one (these presets alone do not walk it)."""
+    monkeypatch.setattr(repair_module, "_FORCE_DENSE_MODE", "lockstep")
     pruned, _ = pruned_copy(dense, 0.9)
     first = _bn_output_variances(pruned, batches)["bn1"]
     report = repair(pruned, dense, batches, preset)
@@ -201,6 +205,59 @@ def test_reported_variance_ratios_are_the_bn_output_ratios(dense, batches, prese
         live = reference[name] > 1e-6
         expected = (measured / reference[name])[live].float()
         assert torch.allclose(reported[live], expected, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("preset", ["bn_recalibration", "default"])
+def test_without_the_dense_walk_the_ratios_are_against_the_dense_running_variance(dense, batches, preset):
+    """bn_recalibration and default do not walk the dense network: each BN's ratio is the pruned BN input's
+    population variance (upstream repaired) over the dense BN's running variance, and the report says so."""
+    pruned, _ = pruned_copy(dense, 0.9)
+    first = torch.cat(batches)
+    with torch.no_grad():
+        conv1 = pruned.conv1(first).transpose(0, 1).flatten(1).double().var(1, unbiased=False)
+    report = repair(pruned, dense, batches, preset)
+    assert set(report.variance_reference.values()) == {"running"}
+    expected = conv1 / dense.bn1.running_var.double()
+    assert torch.allclose(report.variance_ratio["bn1"], expected.float(), rtol=1e-4, atol=1e-7)
+    for name in report.variance_ratio:  # after the recalibration: the recalibrated over the dense running variance
+        bn_p, bn_d = dict(pruned.named_modules())[name], dict(dense.named_modules())[name]
+        a_p = bn_p.weight.double() ** 2 / (bn_p.running_var.double() + bn_p.eps)
+        a_d = bn_d.weight.double() ** 2 / (bn_d.running_var.double() + bn_d.eps)
+        assert torch.allclose(report.variance_ratio_after[name], (report.variance_ratio[name] * a_p / a_d).float(),
+                              rtol=1e-4, atol=1e-7), name  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["bn_recalibration", "default", "asr_refit", "reconstruct"])
+def test_the_dense_network_runs_only_where_an_operator_reads_it(dense, batches, preset, monkeypatch):
+    """The repaired model is the same bit for bit as with the dense network walked beside the pruned one, and the
+    dense network runs: not at all for bn_recalibration, as one plain forward pass for default (its classifier
+    refit reads only the dense logits), node by node beside the pruned one for asr_refit and reconstruct."""
+    pruned, masks = pruned_copy(dense, 0.9)
+    lockstep = copy.deepcopy(pruned)
+    monkeypatch.setattr(repair_module, "_FORCE_DENSE_MODE", "lockstep")
+    repair(lockstep, dense, batches, preset, masks=masks)
+    monkeypatch.setattr(repair_module, "_FORCE_DENSE_MODE", None)
+    calls = {"root": 0, "modules": 0}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+
+        return hook
+
+    handles = [dense.register_forward_hook(count("root"))]
+    handles += [m.register_forward_hook(count("modules")) for m in dense.modules() if m is not dense]
+    try:
+        report = repair(pruned, dense, batches, preset, masks=masks)
+    finally:
+        for h in handles:
+            h.remove()
+    assert state_digest(pruned.state_dict()) == state_digest(lockstep.state_dict())
+    expected_root = {"bn_recalibration": 0, "default": len(batches)}.get(preset, 0)
+    assert calls["root"] == expected_root
+    assert (calls["modules"] == 0) == (preset == "bn_recalibration")
+    reference = "calibration" if preset in ("asr_refit", "reconstruct") else "running"
+    assert set(report.variance_reference.values()) == {reference}
 
 
 def test_batching_does_not_change_the_result(dense, batches):
@@ -404,3 +461,21 @@ def test_a_bn_behind_stochastic_depth_is_a_block_site(batches):
     assert report.block_sites == ["add"] and not torch.equal(pruned.bn.bias, dense.bn.bias)
     assert torch.equal(pruned.bn.weight, gamma)  # the identity operand takes the gain as a pending scale
     assert not torch.equal(pruned.fc.weight, dense.fc.weight)  # ... folded into the classifier's columns
+
+
+def test_channel_moments_match_float64_also_when_the_mean_dwarfs_the_spread():
+    """The walk's per-channel BN statistics against float64 on the whole set: a channel with mean 1e4 and std 1
+    keeps its variance to 1e-5 relative (raw float32 squares would lose it entirely), whatever the batching."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 5, 5, generator=g, dtype=torch.float64)
+    x[:, 1] += 1e4
+    x[:, 2] = 0.0  # a dead channel: variance exactly 0
+    x = x.float().double()  # the data as the walk sees it
+    reference_var = x.transpose(0, 1).flatten(1).var(1, unbiased=False)
+    reference_mean = x.transpose(0, 1).flatten(1).mean(1)
+    for chunks in (list(x.float().split(7)), [x.float()]):
+        m = repair_module.channel_moments(chunks)
+        assert int(m.count) == 40 * 25
+        assert torch.allclose(m.mean[0], reference_mean, rtol=1e-9, atol=1e-6)  # std 1: 1e-6 of the spread
+        assert torch.allclose(m.cov[0, 0, :2], reference_var[:2], rtol=1e-5, atol=0)
+        assert m.cov[0, 0, 2] == 0
