@@ -41,7 +41,6 @@ report = repair(apply_masks(copy.deepcopy(dense), masks), dense, batches, [op], 
 weights = dict(dense.named_parameters())
 print(f"{args.allocation} {args.sparsity} {op}")
 print(f"{'layer':<28} {'K':>5} {'kept':>6} {'moved':>6} {'energy mag':>10} {'energy new':>10}")
-rows = []
 for name, mask in masks.items():
     new = report.masks[name]
     kept = int(mask.sum())
@@ -49,6 +48,5 @@ for name, mask in masks.items():
     w2 = weights[f"{name}.weight"].detach().double().square()
     energy = [float(w2[m].sum() / w2.sum()) for m in (mask, new)]
     print(f"{name:<28} {mask[0].numel():>5} {kept:>6} {moved:>6.1%} {energy[0]:>10.3f} {energy[1]:>10.3f}")
-    rows.append((moved, name))
 total = sum(int(m.sum()) for m in masks.values())
 print(f"all layers: {1 - sum(int((m & report.masks[n]).sum()) for n, m in masks.items()) / total:.1%} of kept moved")

@@ -40,8 +40,10 @@ for path in (args.baseline, args.selected):
         if key is not None:
             acc[(row["allocation"], float(row["sparsity"]), *key)] = 100 * float(row["acc_repaired"])
 cells = sorted({(a, s) for a, s, m, _ in acc if m == args.mask}, key=lambda c: (c[0], c[1]))
-print(f"| allocation | sparsity | `reconstruct` | `{args.mask}` | diff | `reconstruct_dense_bn` | `{args.mask}`, "
-      "`recalibrate_bn: false` | diff |")
+print(
+    f"| allocation | sparsity | `reconstruct` | `{args.mask}` | diff | `reconstruct_dense_bn` | `{args.mask}`, "
+    "`recalibrate_bn: false` | diff |"
+)
 print("|---|---|---|---|---|---|---|---|")
 for a, s in cells:
     parts = []

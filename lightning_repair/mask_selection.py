@@ -10,7 +10,7 @@ The kept weights are then re-solved by ``reconstruction.reconstruct_layer``. Rul
   remove are those with the lowest w^2 / U_jj^2 among the block's columns of every row (and every group) of the
   layer, from weights already updated for the earlier removals; each column's removal error is then propagated
   to the columns right of it (inside the block at once, to the later blocks lazily, one matrix product per block).
-  Block b removes round(removed * end_b / K) - round(removed * start_b / K) weights, so the layer's count is exact.
+  Block b removes floor(removed * end_b / K) - floor(removed * start_b / K) weights, so the layer's count is exact.
 - ``exact_obs``: OBC's ExactOBS (Frantar & Alistarh 2022). Each row removes its weights one at a time, always the
   one of least loss w^2 / [H^-1]_jj, then updates its remaining weights and its own H^-1 (rank-one downdate), which
   gives every row a trajectory of losses; the layer removes the ``removed`` smallest losses over all rows' steps,
@@ -207,6 +207,7 @@ def _greedy_rows(w: torch.Tensor, hinv: torch.Tensor) -> tuple[torch.Tensor, tor
         w -= h * (w[rows, j] / d)[:, None]
         removed[rows, j] = True
         w.masked_fill_(removed, 0)  # already 0 up to rounding
-        if step < k - 1:
-            hinv -= (h / d.sqrt()[:, None]).unsqueeze(2) * (h / d.sqrt()[:, None]).unsqueeze(1)
+        if step < k - 1:  # in place, one pass over H^-1: the step's cost is this memory traffic
+            u = h / d.sqrt()[:, None]
+            hinv.baddbmm_(u.unsqueeze(2), u.unsqueeze(1), alpha=-1)
     return losses, order
