@@ -192,8 +192,10 @@ class RepairCLI(LightningCLI):
 
 def check_full_test_set(trainer: pl.Trainer, runs: str) -> None:
     """ConfigError if ``--trainer.limit_test_batches`` asks for part of the test set: ``runs`` report exact
-    accuracies on all of it."""
+    accuracies on all of it. ``fast_dev_run`` runs the whole pipeline once, as it is (results under runs/)."""
     limit = trainer.limit_test_batches
+    if trainer.fast_dev_run:  # it sets the limit to its own batch count; a prune-and-repair run has no loop to cut
+        return
     if limit is not None and not (isinstance(limit, float) and limit >= 1.0):
         raise ConfigError(
             f"trainer.limit_test_batches={limit}: {runs} evaluate on the whole test set; for a quick look at part "

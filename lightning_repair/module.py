@@ -234,13 +234,16 @@ class PruneRepairModule(pl.LightningModule):
 
     def _cache_dir(self) -> Path | None:
         """``rr_cache``'s folder: ``auto`` is ``cache/`` under the run's root (the first logger's root_dir, which
-        holds its versions; else the trainer's default_root_dir)."""
+        holds its versions; without a logger ``runs/``, which holds the runs' folders; else the trainer's
+        default_root_dir)."""
         setting = self.hparams.rr_cache
         if setting is None or setting in ("none", "off", "false"):
             return None
         if setting != "auto":
             return Path(setting)
         root = next((getattr(lg, "root_dir", None) for lg in self.trainer.loggers), None)
+        if root is None and self.output_dir is not None:  # no logger: runs/<run name>/, the cache beside the runs
+            return self.output_dir.parents[len(Path(self.run_name).parts) - 1] / "cache"
         return Path(root or self.trainer.default_root_dir) / "cache"
 
     def _write(self, masks) -> None:
