@@ -262,7 +262,9 @@ def evaluate_exported(args: list[str]) -> None:
     process of the config's trainer (each its own shard of the test set, the counts summed), printed and written
     as JSON by process 0."""
     cli = EvaluateCLI(
-        pl.LightningModule, ImageDataModule, subclass_mode_model=True, run=False, args=args,
+        # data in subclass mode, as fit saves it (data: {class_path: ..., init_args: ...}); evaluate reads the
+        # built-in ImageDataModule's test split
+        pl.LightningModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
         parser_kwargs={"prog": "lightning-repair evaluate",
                        "description": "Test accuracy of an exported model, on the data of a run config. "
                                       "--trainer.limit_test_batches N evaluates the first N batches only."},

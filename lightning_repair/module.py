@@ -233,18 +233,21 @@ class PruneRepairModule(pl.LightningModule):
         return keep, profile, at_allocation
 
     def _cache_dir(self) -> Path | None:
-        """``rr_cache``'s folder: ``auto`` is ``cache/`` under the run's root (the first logger's root_dir, which
-        holds its versions; without a logger ``runs/``, which holds the runs' folders; else the trainer's
-        default_root_dir)."""
+        """``rr_cache``'s folder: ``auto`` is ``cache/`` in the folder that holds the runs of every sparsity and
+        repair: the first logger's root above its run names (``lightning_logs/quickstart/cache``); without a logger
+        ``runs/cache``; else the trainer's default_root_dir."""
         setting = self.hparams.rr_cache
         if setting is None or setting in ("none", "off", "false"):
             return None
         if setting != "auto":
             return Path(setting)
-        root = next((getattr(lg, "root_dir", None) for lg in self.trainer.loggers), None)
-        if root is None and self.output_dir is not None:  # no logger: runs/<run name>/, the cache beside the runs
-            return self.output_dir.parents[len(Path(self.run_name).parts) - 1] / "cache"
-        return Path(root or self.trainer.default_root_dir) / "cache"
+        name = Path(self.run_name).parts
+        root = next((Path(lg.root_dir) for lg in self.trainer.loggers if getattr(lg, "root_dir", None)), None)
+        if root is None and self.output_dir is not None:
+            root = self.output_dir
+        if root is None:
+            return Path(self.trainer.default_root_dir) / "cache"
+        return (root.parents[len(name) - 1] if root.parts[-len(name):] == name else root) / "cache"
 
     def _write(self, masks) -> None:
         res = self.results
