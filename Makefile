@@ -1,7 +1,7 @@
 # Two entry points, each creating/updating its own environment in .venv:
 #   make quickstart   prune + repair the shipped Fashion-MNIST ResNet-18 (configs/quickstart.yaml)
 #   make test         the test suite (CPU, tiny models, generated data)
-#   make test-fast    the core's tests only, without whole-command runs (about a minute)
+#   make test-fast    the core's tests only, without whole-command or multi-process runs (about 2 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,7 +31,7 @@ quickstart: $(BIN)/lightning-repair fashion-mnist
 test: $(BIN)/lightning-repair
 	$(BIN)/python -m pytest -q --durations=15
 
-# the core's tests only (no whole-command runs, no multi-process runs): about a minute
+# the core's tests only (no whole-command runs, no multi-process runs, tests/conftest.py): about 2 minutes
 test-fast: $(BIN)/lightning-repair
 	$(BIN)/python -m pytest -q -m "not cli and not ddp" --durations=10
 
