@@ -7,18 +7,15 @@ conv 4x1x9; correlated inputs, damped Gram, iid weights; seeds 10-15) at 50/80/9
 sum (w - w0) H (w - w0)^T of the best weights on each mask, divided by magnitude's (layer-wide top-k of |w|).
 """
 
+import sys
+from pathlib import Path
+
 import torch
 
 from lightning_repair.mask_selection import exact_obs, sparsegpt, top_count
 
-
-def problem(seed, groups, rows, k, samples=300):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(groups, k, samples, generator=gen, dtype=torch.float64)
-    x = x + 0.5 * x.roll(1, 1)
-    gram = x @ x.mT
-    gram += torch.diag_embed(0.01 * gram.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).expand(groups, k))
-    return torch.randn(groups, rows, k, generator=gen, dtype=torch.float64), gram
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_mask_selection import problem  # noqa: E402  (the test's own layers, so the two cannot drift apart)
 
 
 def resolved_error(w0, gram, keep):
