@@ -16,6 +16,13 @@ The kept weights are then re-solved by ``reconstruction.reconstruct_layer``. Rul
   gives every row a trajectory of losses; the layer removes the ``removed`` smallest losses over all rows' steps,
   and each row keeps what remains after as many steps as it has among them. Exact, but O(K^3) per row: for small
   layers and as the reference of ``sparsegpt``.
+- ``forward_ols`` (ours): the reverse of ExactOBS's greedy. Each row *grows* its kept set one weight at a time,
+  always the one whose addition lowers the reconstruction's own least-squares error most, with the row's kept
+  weights re-solved after each addition (orthogonal least squares, Chen, Billings & Luo 1989, in the metric of the
+  Gram); the layer keeps the ``kept`` largest gains over all rows' steps, as ``exact_obs`` removes the smallest
+  losses. Its target is the layer's cross statistic X^T Y, the one the re-solve fits (for the dense Gram that is
+  H w0, so it ranks masks by the same error as the OBS rules). A row that keeps k of K weights costs O(K k^2),
+  not O(K^3): at 95-98% sparsity, cheap.
 
 With ``scope="row"`` every row removes the same count (the remainder as ``top_count`` gives it from the one-shot
 saliency for ``sparsegpt``, from the next step's loss for ``exact_obs``). Both OBS rules treat dead inputs (zero
@@ -31,7 +38,7 @@ import torch
 
 from .reconstruction import LayerStatistics
 
-MaskRule = Literal["magnitude", "wanda", "obs_oneshot", "sparsegpt", "exact_obs"]  # magnitude: masks as allocated
+MaskRule = Literal["magnitude", "wanda", "obs_oneshot", "sparsegpt", "exact_obs", "forward_ols"]  # magnitude: masks as allocated
 MaskScope = Literal["layer", "row"]
 BLOCK = 128  # SparseGPT's column block: lazy updates batched 128 columns at a time
 
@@ -54,6 +61,9 @@ def select_mask(
     elif rule == "exact_obs":
         return exact_obs(w, damped_gram(stats, damping), mask.numel() - int(mask.sum()), scope)[0].view(
             mask.shape).to(mask.device)  # fmt: skip
+    elif rule == "forward_ols":
+        return forward_ols(damped_gram(stats, damping), stats.cross, int(mask.sum()), scope).view(mask.shape).to(
+            mask.device)  # fmt: skip
     else:
         raise ValueError(f"mask rule {rule!r} is not one of {get_args(MaskRule)[1:]}")
     return top_count(score.reshape(-1, k), int(mask.sum()), scope).view(mask.shape).to(mask.device)
@@ -211,3 +221,87 @@ def _greedy_rows(w: torch.Tensor, hinv: torch.Tensor) -> tuple[torch.Tensor, tor
             u = h / d.sqrt()[:, None]
             hinv.baddbmm_(u.unsqueeze(2), u.unsqueeze(1), alpha=-1)
     return losses, order
+
+
+_TRAJECTORY_ELEMENTS = 1 << 25  # float64 entries of the orthogonalised Gram columns forward_ols holds (256 MB)
+
+
+def forward_ols(gram: torch.Tensor, cross: torch.Tensor, kept: int, scope: str = "layer") -> torch.Tensor:
+    """Greedy forward selection of each output row's kept weights: ``kept`` weights across the layer
+    (``scope="layer"``) or the same count per row (``"row"``), for the damped Gram ``gram`` (groups, K, K) and the
+    cross statistic ``cross`` (groups, K, rows per group) of the least-squares fit. Returns the mask (groups, rows, K).
+
+    Each row's trajectory is the order in which it would add weights and the gain of each addition; a layer-wide
+    count takes the ``kept`` largest gains, each row's gains made non-increasing first (a running minimum), so that
+    a row always takes a prefix of its own trajectory. The trajectories are computed as long as the count needs:
+    a row whose every step so far was taken is extended (its prefix does not change), until none is.
+    """
+    groups, k = gram.shape[:2]
+    targets = cross.mT.reshape(-1, k)  # (groups * rows, K)
+    n = len(targets)
+    if not 0 <= kept <= n * k:
+        raise ValueError(f"forward_ols: cannot keep {kept} of {n * k} weights")
+    if scope == "row":
+        base, extra = divmod(kept, n)
+        gains, order = _forward_trajectories(gram, targets, min(k, base + 1))
+        steps = torch.full((n,), base, device=gram.device)
+        if extra:  # the remainder to the rows whose next addition gains most
+            steps[torch.sort(gains[:, base], descending=True, stable=True).indices[:extra]] += 1
+    else:
+        length = torch.full((n,), min(k, 2 * -(-kept // n) + 8), device=gram.device)
+        gains, order = _forward_trajectories(gram, targets, int(length.max()))
+        while True:
+            envelope = gains.cummin(1).values
+            chosen = torch.sort(envelope.flatten(), descending=True, stable=True).indices[:kept]
+            steps = torch.bincount(chosen // gains.shape[1], minlength=n)
+            short = (steps == length) & (length < k)  # rows that might take more than they have computed
+            if not short.any():
+                break
+            width = min(k, 2 * gains.shape[1])
+            more_gains, more_order = _forward_trajectories(gram, targets, width, rows=short)
+            gains = torch.cat([gains, gains.new_full((n, width - gains.shape[1]), -torch.inf)], 1)  # not computed
+            order = torch.cat([order, order.new_zeros(n, width - order.shape[1])], 1)
+            gains[short], order[short], length[short] = more_gains, more_order, width
+    taken = torch.arange(order.shape[1], device=gram.device)[None] < steps[:, None]
+    keep = torch.zeros(n, k, dtype=torch.bool, device=gram.device)
+    rows = torch.arange(n, device=gram.device)[:, None].expand_as(order)
+    keep[rows[taken], order[taken]] = True  # only the taken prefix: past a row's length its order is padding
+    return keep.view(groups, -1, k)
+
+
+def _forward_trajectories(
+    gram: torch.Tensor, targets: torch.Tensor, steps: int, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``steps`` additions of each row (all, or the boolean ``rows``): gains (n, steps) and columns.
+
+    In the metric of H, the kept columns are orthonormalised as they are added (q_t^T H q_s = delta_ts); c_t = H q_t
+    is all a step needs. For a candidate j, d_j = H_jj - sum_t c_tj^2 is its squared distance to the kept span and
+    r_j = b_j - sum_t c_tj (q_t^T b) its correlation with the residual; adding j lowers the error by r_j^2 / d_j.
+    """
+    groups, k = gram.shape[:2]
+    group_of = torch.arange(len(targets), device=gram.device) // (len(targets) // groups)
+    index = torch.arange(len(targets), device=gram.device) if rows is None else rows.nonzero().flatten()
+    gains = gram.new_empty(len(index), steps)
+    order = torch.empty(len(index), steps, dtype=torch.long, device=gram.device)
+    chunk = max(1, _TRAJECTORY_ELEMENTS // (steps * k))
+    for start in range(0, len(index), chunk):
+        part = index[start : start + chunk]
+        g = group_of[part]
+        r = targets[part].clone()
+        d = gram.diagonal(dim1=1, dim2=2)[g]  # a copy (advanced indexing)
+        # a column within rounding of the kept span has nothing left to add (and a dead input, H_jj = 0, never did)
+        floor = 1e-10 * d.amax(1, keepdim=True)
+        c = gram.new_empty(len(part), steps, k)
+        at = torch.arange(len(part), device=gram.device)
+        for t in range(steps):
+            score = torch.where(d > floor, r.square() / d, 0)
+            if t:
+                score.scatter_(1, order[start : start + len(part), :t], -1)  # kept already
+            gain, j = score.max(1)
+            gains[start : start + len(part), t], order[start : start + len(part), t] = gain, j
+            column = gram[g, :, j] - torch.einsum("ntk,nt->nk", c[:, :t], c[at, :t, j])
+            pivot = d[at, j].clamp_min(floor[:, 0]).sqrt()
+            c[:, t] = column / pivot[:, None]
+            r -= c[:, t] * (r[at, j] / pivot)[:, None]
+            d -= c[:, t].square()
+    return gains, order

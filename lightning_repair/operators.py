@@ -216,8 +216,9 @@ class Reconstruct(Operator):
             (the ``reconstruct_dense_bn`` preset: better at 97-98%, slightly worse at 95%).
         mask: ``magnitude`` keeps the masks as given; the other rules (mask_selection.py) re-select each layer's
             mask from the dense weights and the Gram of its input, keeping the allocation's count per layer:
-            ``wanda``, ``obs_oneshot``, ``sparsegpt`` (SparseGPT's blocked OBS selection) and ``exact_obs``
-            (OBC's ExactOBS; O(K^3) per output row, for small layers).
+            ``wanda``, ``obs_oneshot``, ``sparsegpt`` (SparseGPT's blocked OBS selection), ``exact_obs``
+            (OBC's ExactOBS; O(K^3) per output row, for small layers) and ``forward_ols`` (ours: each row grows its
+            kept set greedily for the re-solve's own least-squares error; O(K k^2) per row keeping k).
         mask_gram: whose input Gram the re-selection reads: the ``repaired`` network's (the one the weights are
             then solved on) or the ``dense`` network's (as OBC and SparseGPT select, layer by layer from dense
             inputs). Both come from the same walk, which holds both networks' activations at every layer; ``dense``
