@@ -17,9 +17,8 @@ import torch
 from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import apply_masks, compute_masks
-from lightning_repair.models import Network
+from lightning_repair.models import Network, load_dense
 from lightning_repair.operators import Reconstruct
-from lightning_repair.pipeline import load_calibration, load_dense
 from lightning_repair.repair import repair
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,8 +32,8 @@ args = parser.parse_args()
 torch.manual_seed(0)
 dm = ImageDataModule(dataset="fashion_mnist", calibration_size=1024, calibration_seed=0, batch_size=256, augment=False)
 network = Network(arch="resnet18", num_classes=10, in_channels=1, stem="cifar", width=0.25)
-dense = load_dense(network, "checkpoints/fashion_mnist_resnet18_w16.pt", dm, "cpu")
-batches = load_calibration(dm, "cpu")
+dense = load_dense(network, "checkpoints/fashion_mnist_resnet18_w16.pt")
+batches = dm.calibration_batches("cpu")
 masks = compute_masks(dense, allocate(dense, args.sparsity, Allocation(args.allocation)))
 op = Reconstruct(mask=args.mask, mask_gram=args.mask_gram, recalibrate_bn=not args.no_recalibrate_bn)
 report = repair(apply_masks(copy.deepcopy(dense), masks), dense, batches, [op], masks=masks)

@@ -175,7 +175,7 @@ def rr_profile(
     ]
     ranks = [magnitude_ranks(layer.module.weight) for layer in layers]
     masks = [[rank < k for k in ks] for rank, ks in zip(ranks, keeps, strict=True)]
-    moments, samples, grams = _stream(model, batches, layers, masks, with_grams=repair == "reconstruct")
+    moments, samples, grams = stream_moments(model, batches, layers, masks, with_grams=repair == "reconstruct")
     if samples < MIN_CALIBRATION_SAMPLES:
         warnings.warn(
             f"RR profile from only {samples} calibration images (fewer than {MIN_CALIBRATION_SAMPLES}): "
@@ -183,10 +183,10 @@ def rr_profile(
             stacklevel=2,
         )
     residuals = [None] * len(layers) if grams is None else [
-        _reconstruction_residuals(layer, g, m, layer_masks)
+        reconstruction_residuals(layer, g, m, layer_masks)
         for layer, g, m, layer_masks in zip(layers, grams, moments, masks, strict=True)
     ]  # fmt: skip
-    damage = [_damage(m, len(ks), layer.module.bias, repair, r)
+    damage = [layer_damage(m, len(ks), layer.module.bias, repair, r)
               for m, ks, layer, r in zip(moments, keeps, layers, residuals, strict=True)]  # fmt: skip
     d_raw, d_res, d_res_empty = ([t.cpu() for t in values] for values in zip(*damage, strict=True))
     d_raw, d_res = torch.stack(d_raw), torch.stack(d_res)
@@ -238,7 +238,7 @@ def _keep_count(numel: int, sparsity: float) -> int:
 
 
 @torch.no_grad()
-def _stream(
+def stream_moments(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
     layers: list[PrunableLayer],
@@ -287,7 +287,7 @@ def _stream(
     return moments, count_over_processes(images, moments[0].count.device), grams if with_grams else None
 
 
-def _reconstruction_residuals(
+def reconstruction_residuals(
     layer: PrunableLayer, stats: LayerStatistics, moments: Moments, masks: list[torch.Tensor]
 ) -> torch.Tensor:
     """(K, C): per mask and output channel, what the layer's own reconstruction leaves of the dense output."""
@@ -340,7 +340,7 @@ def _channel_square_sum(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(a.reshape(a.shape[0], a.shape[1], -1), dim=2).double().square().sum(0)
 
 
-def _damage(
+def layer_damage(
     m: Moments, k: int, bias: torch.Tensor | None, repair: str, reconstructed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
     """D_raw (k,), D_res (k,) and D_res with every weight removed, from the stacked moments of (P, Y_d)."""

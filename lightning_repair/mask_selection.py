@@ -38,7 +38,8 @@ import torch
 
 from .reconstruction import LayerStatistics
 
-MaskRule = Literal["magnitude", "wanda", "obs_oneshot", "sparsegpt", "exact_obs", "forward_ols"]  # magnitude: masks as allocated
+# magnitude: the masks as allocated
+MaskRule = Literal["magnitude", "wanda", "obs_oneshot", "sparsegpt", "exact_obs", "forward_ols"]
 MaskScope = Literal["layer", "row"]
 BLOCK = 128  # SparseGPT's column block: lazy updates batched 128 columns at a time
 

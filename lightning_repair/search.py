@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, allocate, lower_hull
-from .diagnostics import _damage, _reconstruction_residuals, _stream, magnitude_ranks
+from .diagnostics import layer_damage, magnitude_ranks, reconstruction_residuals, stream_moments
 from .evaluation import calibration_forward_time
 from .layers import prunable_layers
 from .masks import apply_masks, compute_masks
@@ -254,11 +254,11 @@ def error_table(
     masks = [[rank < k for k in ks] for rank, ks in zip(ranks, counts, strict=False)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        moments, _, grams = _stream(dense, batches, layers, masks, with_grams=reconstruct)
+        moments, _, grams = stream_moments(dense, batches, layers, masks, with_grams=reconstruct)
         curves = {}
         for i, layer in enumerate(layers):
-            residual = _reconstruction_residuals(layer, grams[i], moments[i], masks[i]) if reconstruct else None
-            _, d_res, d_empty = _damage(moments[i], len(counts[i]), layer.module.bias,
+            residual = reconstruction_residuals(layer, grams[i], moments[i], masks[i]) if reconstruct else None
+            _, d_res, d_empty = layer_damage(moments[i], len(counts[i]), layer.module.bias,
                                         "reconstruct" if reconstruct else "ls", residual)  # fmt: skip
             ys = [0.0 if math.isnan(v) else max(0.0, v) for v in d_res.tolist()]
             empty = float(d_empty)
