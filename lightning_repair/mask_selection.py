@@ -250,7 +250,7 @@ def forward_ols(gram: torch.Tensor, cross: torch.Tensor, kept: int, scope: str =
             steps[torch.sort(gains[:, base], descending=True, stable=True).indices[:extra]] += 1
     else:
         length = torch.full((n,), min(k, 2 * -(-kept // n) + 8), device=gram.device)
-        gains, order = _forward_trajectories(gram, targets, int(length.max()))
+        gains, order = _forward_trajectories(gram, targets, int(length[0]), kept=kept)
         while True:
             envelope = gains.cummin(1).values
             chosen = torch.sort(envelope.flatten(), descending=True, stable=True).indices[:kept]
@@ -259,7 +259,10 @@ def forward_ols(gram: torch.Tensor, cross: torch.Tensor, kept: int, scope: str =
             if not short.any():
                 break
             width = min(k, 2 * gains.shape[1])
-            more_gains, more_order = _forward_trajectories(gram, targets, width, rows=short)
+            known = envelope[~short]
+            more_gains, more_order = _forward_trajectories(
+                gram, targets, width, rows=short, kept=kept, known=known[known.isfinite()]
+            )
             gains = torch.cat([gains, gains.new_full((n, width - gains.shape[1]), -torch.inf)], 1)  # not computed
             order = torch.cat([order, order.new_zeros(n, width - order.shape[1])], 1)
             gains[short], order[short], length[short] = more_gains, more_order, width
@@ -271,38 +274,61 @@ def forward_ols(gram: torch.Tensor, cross: torch.Tensor, kept: int, scope: str =
 
 
 def _forward_trajectories(
-    gram: torch.Tensor, targets: torch.Tensor, steps: int, rows: torch.Tensor | None = None
+    gram: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    rows: torch.Tensor | None = None,
+    kept: int | None = None,
+    known: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``steps`` additions of each row (all, or the boolean ``rows``): gains (n, steps) and columns.
 
     In the metric of H, the kept columns are orthonormalised as they are added (q_t^T H q_s = delta_ts); c_t = H q_t
     is all a step needs. For a candidate j, d_j = H_jj - sum_t c_tj^2 is its squared distance to the kept span and
     r_j = b_j - sum_t c_tj (q_t^T b) its correlation with the residual; adding j lowers the error by r_j^2 / d_j.
+
+    With a layer-wide count ``kept``, a row stops early (its later gains -inf) once its running-minimum gain is
+    below the ``kept``-th largest of those computed so far here and in ``known`` (other rows' running minima): more
+    gains only raise that value, and the row's later ones are no larger, so none of them would be taken.
     """
     groups, k = gram.shape[:2]
     group_of = torch.arange(len(targets), device=gram.device) // (len(targets) // groups)
     index = torch.arange(len(targets), device=gram.device) if rows is None else rows.nonzero().flatten()
-    gains = gram.new_empty(len(index), steps)
-    order = torch.empty(len(index), steps, dtype=torch.long, device=gram.device)
+    gains = gram.new_full((len(index), steps), -torch.inf)
+    order = torch.zeros(len(index), steps, dtype=torch.long, device=gram.device)
+    known = gram.new_empty(0) if known is None else known
     chunk = max(1, _TRAJECTORY_ELEMENTS // (steps * k))
     for start in range(0, len(index), chunk):
-        part = index[start : start + chunk]
-        g = group_of[part]
-        r = targets[part].clone()
+        out = torch.arange(start, min(start + chunk, len(index)), device=gram.device)  # rows of gains it writes
+        g = group_of[index[out]]
+        r = targets[index[out]].clone()
         d = gram.diagonal(dim1=1, dim2=2)[g]  # a copy (advanced indexing)
         # a column within rounding of the kept span has nothing left to add (and a dead input, H_jj = 0, never did)
         floor = 1e-10 * d.amax(1, keepdim=True)
-        c = gram.new_empty(len(part), steps, k)
-        at = torch.arange(len(part), device=gram.device)
+        c = gram.new_empty(len(out), steps, k)
+        running = gram.new_full((len(out),), torch.inf)
         for t in range(steps):
+            at = torch.arange(len(out), device=gram.device)
             score = torch.where(d > floor, r.square() / d, 0)
             if t:
-                score.scatter_(1, order[start : start + len(part), :t], -1)  # kept already
+                score.scatter_(1, order[out, :t], -1)  # kept already
             gain, j = score.max(1)
-            gains[start : start + len(part), t], order[start : start + len(part), t] = gain, j
+            gains[out, t], order[out, t] = gain, j
             column = gram[g, :, j] - torch.einsum("ntk,nt->nk", c[:, :t], c[at, :t, j])
             pivot = d[at, j].clamp_min(floor[:, 0]).sqrt()
             c[:, t] = column / pivot[:, None]
             r -= c[:, t] * (r[at, j] / pivot)[:, None]
             d -= c[:, t].square()
+            if kept is None:
+                continue
+            running = torch.minimum(running, gain)
+            computed = torch.cat([known, gains[:, : t + 1].cummin(1).values.flatten()])
+            computed = computed[computed.isfinite()]
+            if len(computed) < kept:
+                continue
+            going = running >= torch.kthvalue(computed, len(computed) - kept + 1).values
+            if int((~going).sum()) * 4 >= len(out):  # drop a quarter or more at once: a copy of c per drop
+                out, g, r, d, floor, c, running = (x[going] for x in (out, g, r, d, floor, c, running))
+                if not len(out):
+                    break
     return gains, order

@@ -332,3 +332,20 @@ def test_forward_ols_picks_what_the_reconstruction_error_rewards():
                 assert ours <= 1.1 * exact, shape
             ratios.append(ours / exact)
     assert sum(ratios) / len(ratios) <= 1.05
+
+
+def test_forward_ols_stops_rows_whose_gains_can_no_longer_be_taken(monkeypatch):
+    """With the layer's count, rows stop once their running-minimum gain is below the count's largest computed so
+    far (later gains -inf); what they computed is what the full trajectories hold, and the mask is the same as the
+    straightforward greedy's, also when the rows are split in chunks (each chunk's bound then counts the earlier
+    chunks' gains)."""
+    x, y, gram, cross = design(7, 24, 12, samples=80)
+    targets = cross.mT.reshape(-1, 24)
+    full_gains, full_order = mask_selection._forward_trajectories(gram, targets, 16)
+    for chunk_rows in (12, 3):
+        monkeypatch.setattr(mask_selection, "_TRAJECTORY_ELEMENTS", chunk_rows * 16 * 24)
+        gains, order = mask_selection._forward_trajectories(gram, targets, 16, kept=60)
+        computed = gains.isfinite()
+        assert not computed.all() and computed[:, 0].all()
+        assert torch.equal(gains[computed], full_gains[computed]) and torch.equal(order[computed], full_order[computed])
+        assert torch.equal(forward_ols(gram, cross, 60)[0], straightforward_forward_selection(x, y, 60))
