@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS
 from .datamodule import ImageDataModule
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluation_precision
 from .export import atomic_write_json, load_exported, read_metadata, unpickling_reason
 from .launch import limited_test_size, on_every_process
 from .models import check_recorded_network, configure_parsing, load_weights
@@ -286,7 +286,8 @@ def evaluate_exported(args: list[str]) -> None:
         rank, world, device = trainer.global_rank, trainer.world_size, trainer.strategy.root_device
         loader = dm.evaluation_dataloader(rank, world, samples)
         batches = tqdm(loader, desc="evaluate", leave=False, disable=not trainer.is_global_zero)
-        accuracy = evaluate(model.to(device), batches, device)
+        precision = evaluation_precision(trainer.precision, device)  # a mixed precision on a GPU only
+        accuracy = evaluate(model.to(device), batches, device, precision=precision)
         if not trainer.is_global_zero:
             return
         partial = accuracy["samples"] < total
@@ -298,6 +299,7 @@ def evaluate_exported(args: list[str]) -> None:
             "test_set_size": total,
             "partial": partial,
             "limit_test_batches": trainer.limit_test_batches,
+            "evaluation_precision": precision,
             "world_size": world,
             "data_config": plain(init_args(dm)),
             "data_location": dm.info.location,

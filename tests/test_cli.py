@@ -168,6 +168,7 @@ def test_evaluate_takes_the_runs_saved_config_and_writes_one_result_file(tmp_pat
     assert result["accuracy"]["top5"] == metrics["accuracy_top5"]["repaired"]
     assert (result["test_samples"], result["test_set_size"], result["partial"]) == (257, 257, False)
     assert result["state_sha256"] == metrics["state_sha256"] and result["world_size"] == 1
+    assert result["evaluation_precision"] == "32-true"  # a mixed precision applies on a GPU only
 
 
 @pytest.mark.parametrize(("limit", "images"), [("2", 64), ("0.5", 128)])
