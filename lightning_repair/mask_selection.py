@@ -242,6 +242,8 @@ def forward_ols(gram: torch.Tensor, cross: torch.Tensor, kept: int, scope: str =
     n = len(targets)
     if not 0 <= kept <= n * k:
         raise ValueError(f"forward_ols: cannot keep {kept} of {n * k} weights")
+    if kept == 0:  # an allocation may empty a layer
+        return torch.zeros(groups, n // groups, k, dtype=torch.bool, device=gram.device)
     if scope == "row":
         base, extra = divmod(kept, n)
         gains, order = _forward_trajectories(gram, targets, min(k, base + 1))

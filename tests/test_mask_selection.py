@@ -288,10 +288,13 @@ def design(seed: int, k: int, rows: int, samples: int = 60, damping: float = 0.0
     return x, y, (x.T @ x)[None], (x.T @ y)[None]
 
 
-@pytest.mark.parametrize("kept", [1, 5, 17, 40])
+@pytest.mark.parametrize("kept", [0, 1, 5, 17, 40])
 def test_forward_ols_equals_straightforward_greedy(kept):
+    """Also at the ends: an emptied layer (an allocation may keep nothing of one) and a full one."""
     x, y, gram, cross = design(5, 10, 4)
     assert torch.equal(forward_ols(gram, cross, kept)[0], straightforward_forward_selection(x, y, kept))
+    row_scope = forward_ols(gram, cross, kept, "row")
+    assert int(row_scope.sum()) == kept
 
 
 def test_forward_ols_extends_trajectories_a_row_needs(monkeypatch):
