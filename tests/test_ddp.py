@@ -46,9 +46,10 @@ CLI = Path(sys.executable).with_name("lightning-repair")
 DDP_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
 # Variables of an outer SLURM or torchrun job: Lightning would join that job instead of starting its own processes.
 LAUNCHER_VARIABLES = re.compile(r"SLURM_.*|TORCHELASTIC_.*|(LOCAL_|GROUP_|NODE_)?RANK|(LOCAL_)?WORLD_SIZE|MASTER_.*")
-# ASR (residual-sum folding, BNs recalibrated on the fly), then both layer-wise reconstructions (Gram reductions;
-# the second keeps the dense BN statistics and folds intercepts into them).
-RECIPE = PRESETS["asr"] + PRESETS["reconstruct"] + PRESETS["reconstruct_dense_bn"]
+# ASR (residual-sum folding, BNs recalibrated on the fly), then the layer-wise reconstructions (Gram reductions;
+# the second keeps the dense BN statistics and folds intercepts into them; the third re-selects every mask from the
+# reduced statistics, so every process must choose the same weights).
+RECIPE = PRESETS["asr"] + PRESETS["reconstruct"] + PRESETS["reconstruct_dense_bn"] + PRESETS["reconstruct_ols"]
 # 101 calibration images in batches of 16: uneven shards (51 + 50), each ending in a short batch.
 CALIBRATION_SIZE, BATCH_SIZE = 101, 16
 
