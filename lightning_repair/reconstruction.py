@@ -20,7 +20,7 @@ identity block with a zero right side, so it solves to 0), in chunks bounded in 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -96,7 +96,9 @@ class LayerStatistics:
         return self.gram, self.cross, self.patch_sum, self.target_sum
 
     def check_finite(self, where: str) -> LayerStatistics:
-        if not all(torch.isfinite(t).all() for t in self.sums):
+        # a sum of float64 entries is finite exactly when they all are (short of entries near float64's limit):
+        # one pass, no mask the size of the Gram
+        if not all(torch.isfinite(t.sum()) for t in self.sums):
             raise FloatingPointError(f"non-finite activations at {where}: check the checkpoint and the input data")
         return self
 
@@ -175,8 +177,8 @@ def _no_tf32():
 
 def _chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Tensor) -> LayerStatistics:
     if isinstance(layer, nn.Conv2d):  # in slices of images, each formed and multiplied while still in cache
-        size = max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * layer.kernel_size[1]))
         sums = None  # float64, added slice by slice
+        size = _slice_images(layer, x)
         for a, b in zip(x.split(size), y.split(size), strict=True):
             part = _conv_sums(layer, a, b)
             if sums is None:
@@ -192,6 +194,11 @@ def _chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Te
         gram, cross, patch_sum = p @ p.mT, p @ t, p.sum(2)
         target_sum, rows = t.sum(1), t.shape[1]
     return LayerStatistics(gram.double(), cross.double(), patch_sum.double(), target_sum.double(), rows)
+
+
+def _slice_images(conv: nn.Conv2d, x: torch.Tensor) -> int:
+    """Images of ``x`` whose columns, with a window of partners each, make up one slice of the conv's products."""
+    return max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * conv.kernel_size[1]))
 
 
 def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -236,8 +243,7 @@ def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> 
         cols[margin : margin + wp, :, :, r, : rows.shape[2]] = rows.permute(3, 0, 1, 2, 4)
     first_col, end_col = left, min(right, (kw - 1) * dw + sw * (wo - 1) + 1)  # read and not padding
     first = cols[margin + first_col : margin + end_col]
-    # blocks[g, c, i, j, i', j', c'] = H[(c, i, j), (c', i', j')]: each block's rows are contiguous here
-    blocks = xp.new_zeros(g, cg, kh, kw, kh, kw, cg)
+    gram = xp.new_zeros(g, cg, kh, kw, cg, kh, kw)
     for di in range(kh):
         lowest = 0 if di == 0 else 1 - kw  # partners dj = lowest, ..., kw - 1 (at di = 0, dj < 0 are transposes)
         m = kw - lowest
@@ -253,11 +259,10 @@ def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> 
                 e_lo, e_hi = max(0, -j - lowest), min(m, kw - j - lowest)  # slots e of partners j + lowest + e
                 block = products[read, :, :, e_lo:e_hi].sum(0)  # (g, c, partner j', c')
                 partners = slice(j + lowest + e_lo, j + lowest + e_hi)
-                blocks[:, :, i, j, i + di, partners] = block
-                blocks[:, :, i + di, partners, i, j] = block.permute(0, 3, 2, 1)
+                gram[:, :, i, j, :, i + di, partners] = block.permute(0, 1, 3, 2)
+                gram[:, :, i + di, partners, :, i, j] = block.permute(0, 3, 2, 1)
     k = cg * kh * kw
-    gram = torch.empty(g, cg, kh, kw, cg, kh, kw, dtype=torch.float64, device=xp.device)
-    return gram.copy_(blocks.permute(0, 1, 2, 3, 6, 4, 5)).view(g, k, k)
+    return gram.view(g, k, k).double()
 
 
 def _row_band_products(
@@ -312,7 +317,7 @@ def layer_statistics(
     """Sufficient statistics of ``layer`` fed ``inputs`` (chunks) for the target ``outputs`` (same chunks),
     summed over this process's chunks and across processes."""
     total = None
-    for x, y in zip(inputs, outputs, strict=True):
+    for x, y in _joined(layer, inputs, outputs):
         part = chunk_statistics(layer, x, y)
         if total is None:
             total = part
@@ -324,6 +329,31 @@ def layer_statistics(
     if total is None:
         raise ValueError("reconstruction needs calibration data: no chunk reached the layer")
     return total.all_reduce().check_finite("a reconstructed layer")
+
+
+def _joined(
+    layer: nn.Conv2d | nn.Linear, inputs: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (input, output) chunks, for a conv with consecutive chunks joined while they fit one slice of its
+    products (``_slice_images``): the costs paid per product and per Gram are then paid once per slice, not once per
+    chunk (a few chunks of a small image each, deep in a network). A Linear's chunks pass as they are."""
+    if not isinstance(layer, nn.Conv2d):
+        yield from zip(inputs, outputs, strict=True)
+        return
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for x, y in zip(inputs, outputs, strict=True):
+        if held and sum(len(a) for a, _ in held) + len(x) > _slice_images(layer, x):
+            yield _concatenated(held)
+        held.append((x, y))
+    if held:
+        yield _concatenated(held)
+
+
+def _concatenated(held: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held chunks as one; ``held`` is emptied, so they are released with the result."""
+    xs, ys = zip(*held, strict=True)
+    held.clear()
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
 
 
 @torch.no_grad()

@@ -328,6 +328,7 @@ def test_statistics_release_each_chunk_before_the_next(monkeypatch):
         return part
 
     monkeypatch.setattr(reconstruction, "chunk_statistics", tracked)
+    monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS", 1)  # no two chunks joined into one slice
     inputs = (torch.randn(2, 3, 5, 5) for _ in range(5))  # generated chunks: nothing else holds them
     outputs = (torch.randn(2, 4, 5, 5) for _ in range(5))
     stats = layer_statistics(conv, inputs, outputs)
