@@ -243,22 +243,24 @@ def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> 
         cols[margin : margin + wp, :, :, r, : rows.shape[2]] = rows.permute(3, 0, 1, 2, 4)
     first_col, end_col = left, min(right, (kw - 1) * dw + sw * (wo - 1) + 1)  # read and not padding
     first = cols[margin + first_col : margin + end_col]
+    reads = xp.new_zeros(kw, end_col - first_col)  # reads[j, b]: 1 where kernel column j reads column first_col + b
+    for j in range(kw):
+        read = _strided_slice(j * dw, sw, wo, first_col, end_col)
+        if read is not None:
+            reads[j, read] = 1
     gram = xp.new_zeros(g, cg, kh, kw, cg, kh, kw)
     for di in range(kh):
         lowest = 0 if di == 0 else 1 - kw  # partners dj = lowest, ..., kw - 1 (at di = 0, dj < 0 are transposes)
         m = kw - lowest
         window = cols.unfold(0, (m - 1) * dw + 1, 1)[..., ::dw]  # window[b][..., e]: column b + e*dw
         second = window[margin + first_col + lowest * dw : margin + end_col + lowest * dw]
-        sums = _row_band_products(first, second, di, (kh, dh, sh, ho), (top, bottom - di * dh))
-        for i, products in sums.items():  # (columns, g, cg, m * cg)
-            products = products.view(len(products), g, cg, m, cg)
+        sums = _row_band_products(first, second, reads, di, (kh, dh, sh, ho), (top, bottom - di * dh))
+        for i, blocks in sums.items():
+            blocks = blocks.view(kw, g, cg, m, cg)  # [j, g, c, e, c']: partner column j + lowest + e
             for j in range(kw):
-                read = _strided_slice(j * dw, sw, wo, first_col, end_col)
-                if read is None:
-                    continue
-                e_lo, e_hi = max(0, -j - lowest), min(m, kw - j - lowest)  # slots e of partners j + lowest + e
-                block = products[read, :, :, e_lo:e_hi].sum(0)  # (g, c, partner j', c')
+                e_lo, e_hi = max(0, -j - lowest), min(m, kw - j - lowest)
                 partners = slice(j + lowest + e_lo, j + lowest + e_hi)
+                block = blocks[j, :, :, e_lo:e_hi]
                 gram[:, :, i, j, :, i + di, partners] = block.permute(0, 1, 3, 2)
                 gram[:, :, i + di, partners, :, i, j] = block.permute(0, 3, 2, 1)
     k = cg * kh * kw
@@ -266,14 +268,20 @@ def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> 
 
 
 def _row_band_products(
-    first: torch.Tensor, second: torch.Tensor, di: int, rows: tuple[int, int, int, int], support: tuple[int, int]
+    first: torch.Tensor,
+    second: torch.Tensor,
+    reads: torch.Tensor,
+    di: int,
+    rows: tuple[int, int, int, int],
+    support: tuple[int, int],
 ) -> dict[int, torch.Tensor]:
-    """Per kernel row i paired with i + di: the sum over the rows it reads, inside ``support``, of first[b] @
-    second[b]^T per column b, as (columns, g, C/g, m * C/g).
+    """Per kernel row i paired with i + di, and per kernel column j: the sum of first[b] @ second[b]^T over the rows
+    i reads (inside ``support``) and the columns b that j reads (``reads``), as (kw, g * C/g * m * C/g).
 
     ``first`` is (columns, g, C/g, sh, rows // sh, N), ``second`` the same with a window of m partner columns last.
     Per residue of the rows mod the stride, the rows are split at every kernel row's first and last: each band is
-    read by the same kernel rows and multiplied once."""
+    read by the same kernel rows, multiplied once and summed over each kernel column's columns at once (so only
+    one band's products are held)."""
     (kh, dh, sh, ho), (top, bottom) = rows, support
     columns, g, cg = first.shape[:3]
     sums: dict[int, torch.Tensor] = {}
@@ -281,15 +289,17 @@ def _row_band_products(
         # row r + sh*k pairs with row partner_r + sh*(k + offset)
         partner_r, offset = (r + di * dh) % sh, (r + di * dh) // sh
         lo, hi = -(-(top - r) // sh), -(-(bottom - r) // sh)  # rows r + sh*k inside the support
-        reads = {i: (max(lo, i * dh // sh), min(hi, i * dh // sh + ho)) for i in range(kh - di) if i * dh % sh == r}
-        edges = sorted({e for start, stop in reads.values() if start < stop for e in (start, stop)})
+        spans = {  # kernel row i: the rows r + sh*k it reads, k in [first, end)
+            i: (max(lo, i * dh // sh), min(hi, i * dh // sh + ho)) for i in range(kh - di) if i * dh % sh == r
+        }
+        edges = sorted({k for first_k, end_k in spans.values() if first_k < end_k for k in (first_k, end_k)})
         for start, stop in pairwise(edges):
-            readers = [i for i, (s, e) in reads.items() if s <= start and stop <= e]
+            readers = [i for i, (first_k, end_k) in spans.items() if first_k <= start and stop <= end_k]
             if not readers:
                 continue
             a = first[:, :, :, r, start:stop].reshape(columns, g, cg, -1)
             b = second[:, :, :, partner_r, start + offset : stop + offset].permute(0, 1, 5, 2, 3, 4)
-            product = a @ b.reshape(columns, g, -1, a.shape[-1]).mT
+            product = reads @ (a @ b.reshape(columns, g, -1, a.shape[-1]).mT).flatten(1)
             for i in readers:
                 sums[i] = product if i not in sums else sums[i] + product
     return sums
