@@ -352,7 +352,8 @@ def _joined(
         return
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
     for x, y in zip(inputs, outputs, strict=True):
-        if held and sum(len(a) for a, _ in held) + len(x) > _slice_images(layer, x):
+        fits = sum(len(a) for a, _ in held) + len(x) <= _slice_images(layer, x)
+        if held and not (fits and held[0][0].shape[1:] == x.shape[1:]):  # images of one size only
             yield _concatenated(held)
         held.append((x, y))
     if held:

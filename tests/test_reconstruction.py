@@ -313,6 +313,21 @@ def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_sli
     assert stats.rows == patches.shape[0] * patches.shape[1] * patches.shape[2]
 
 
+def test_chunks_joined_into_slices_give_the_statistics_of_each_chunk_alone(monkeypatch):
+    """Consecutive chunks are joined into one slice of a conv's products (images of one size only): the sums are
+    those of the chunks taken one by one."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    inputs = [torch.randn(2, 3, *size, dtype=torch.float64) for size in ((6, 6), (6, 6), (7, 5), (7, 5), (6, 6))]
+    outputs = [torch.randn_like(conv(x)) for x in inputs]
+    joined = layer_statistics(conv, inputs, outputs)
+    monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS", 1)  # one chunk per slice
+    alone = layer_statistics(conv, inputs, outputs)
+    for mine, theirs in zip(joined.sums, alone.sums, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-10)
+    assert joined.rows == alone.rows == 2 * (3 * 36 + 2 * 35)
+
+
 def test_statistics_release_each_chunk_before_the_next(monkeypatch):
     """Only the running total outlives a chunk: its sums (a Gram can be 170 MB) and activations are released before
     the next chunk's are formed, so the memory does not grow with the number of chunks."""
