@@ -32,7 +32,9 @@ from torch import nn
 from .stats import all_reduce_sum, world_size
 
 _CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
-_CROSS_IMAGES = 16  # images per float32 weight-gradient sum of a conv's cross term (_conv_sums)
+# images per call of a conv's weight gradient (its cross term, ``_conv_sums``): its float32 sums add the images one
+# after another, so their rounding grows with the images per call (16: a few times a matrix product's)
+_CROSS_IMAGES = 16
 _CONV_SLICE_ELEMENTS = 1 << 22  # input laid out by columns at once (16 MB): faster than whole chunks on CPU
 
 
@@ -197,7 +199,8 @@ def _chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Te
 
 
 def _slice_images(conv: nn.Conv2d, x: torch.Tensor) -> int:
-    """Images of ``x`` whose columns, with a window of partners each, make up one slice of the conv's products."""
+    """Images of ``x`` per slice of the conv's products: their input, once per kernel column, within
+    ``_CONV_SLICE_ELEMENTS``."""
     return max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * conv.kernel_size[1]))
 
 
@@ -206,8 +209,6 @@ def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     cross term as the conv's weight gradient for output gradient y, the patch sum from the images' sum."""
     xp = _padded(conv, x)
     g, k = conv.groups, conv.weight[0].numel()
-    # the weight gradient adds the images one after another in float32: in slices of a few, added in float64,
-    # its rounding error stays that of a few images' sums
     cross = sum(torch.nn.grad.conv2d_weight(a, conv.weight.shape, b, conv.stride, 0, conv.dilation, g).double()
                 for a, b in zip(xp.split(_CROSS_IMAGES), y.split(_CROSS_IMAGES), strict=True))  # fmt: skip
     summed = F.unfold(xp.sum(0, keepdim=True), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
