@@ -2,15 +2,18 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gram_alternatives.py [--images 256] [--sparsity 0.95]
 
-The library (``reconstruction._conv_sums``) multiplies kernel-row pairs over the input rows they share: about
-kh * (kw * C)^2 multiply-adds per output position for the Gram. The alternatives need fewer:
+The library (``reconstruction._conv_gram``) multiplies, per kernel row offset, each input column with its partner
+columns over bands of rows, each band once for all the kernel rows that read it, leaving zero padding out: about
+(kw + (kh - 1)(2 kw - 1)) C^2 multiply-adds per input position for the Gram (13 C^2 for a 3x3 kernel).
+``results/gram_alternatives.txt`` was measured against its predecessor, which multiplied kernel-row pairs over the
+input rows they share (kh * (kw * C)^2 per output position). The alternatives:
 
 - ``kept``: each output row's Gram restricted to its kept inputs only (what its solve reads): sum over rows of
   |kept|^2, far fewer in a sparse layer, but each row's patch columns must be gathered (R, W, positions) first.
 - ``offsets``: one C x C product per kernel offset (13 for a 3x3 kernel, by symmetry) and input position, summed
   over the images, then each kernel-position pair's block summed over its window; the cross term by
-  ``torch.nn.grad.conv2d_weight``. About half the Gram's multiply-adds at 28x28, more than the library's at 4x4
-  (the padded grid is 2.25 times the output).
+  ``torch.nn.grad.conv2d_weight`` (as the library's now). As many multiply-adds as the library's at 28x28, more at
+  4x4 (the padded grid is 2.25 times the output), with only the images inside each product.
 
 Each is checked equal (float64) to the library's statistics on a few images, then timed (CPU time, float32, the
 whole calibration set as one chunk) on every 3x3 conv of a LAMP-pruned ResNet-18 of width 0.25 at 28x28 (the

@@ -9,8 +9,9 @@ over its kept inputs S(o), where X holds the layer's input patches (one row per 
 and Y the target output. The sufficient statistics are the patch Gram H = X^T X, the cross term X^T Y and, with a
 bias, the patch and target sums: they are accumulated over calibration chunks in float64 and summed across
 processes, so the solution does not depend on how the data is batched or sharded. A conv's H is formed without
-unfolding its patches: only pairs of kernel rows i <= i' are multiplied, each pair once over the input rows that
-all pairs with that offset share (``_conv_sums``): about 1/kh of the unfolded Gram's work.
+unfolding its patches: one product per kernel offset, each input row band and column multiplied once for every
+kernel position pair with that offset (``_conv_gram``): 13/81 of the unfolded Gram's work for a 3x3 kernel; its
+cross term is the conv's weight gradient.
 lambda = damping times the mean diagonal of the group's H (never exactly 0, so dead inputs and rank-deficient H
 are well posed); the bias is not shrunk. Rows are solved in batches padded to a common size (padding is an
 identity block with a zero right side, so it solves to 0), in chunks bounded in memory.
@@ -19,18 +20,22 @@ identity block with a zero right side, so it solves to 0), in chunks bounded in 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stats import all_reduce_sum
+from .stats import all_reduce_sum, world_size
 
 _CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
-_CONV_SLICE_ELEMENTS = 1 << 22  # shifted input copies formed at once (16 MB): faster than whole chunks on CPU
+# images per call of a conv's weight gradient (its cross term, ``_conv_sums``): its float32 sums add the images one
+# after another, so their rounding grows with the images per call (16: a few times a matrix product's)
+_CROSS_IMAGES = 16
+_CONV_SLICE_ELEMENTS = 1 << 22  # input laid out by columns at once (16 MB): faster than whole chunks on CPU
 
 
 def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +98,9 @@ class LayerStatistics:
         return self.gram, self.cross, self.patch_sum, self.target_sum
 
     def check_finite(self, where: str) -> LayerStatistics:
-        if not all(torch.isfinite(t).all() for t in self.sums):
+        # a sum of float64 entries is finite exactly when they all are (short of entries near float64's limit):
+        # one pass, no mask the size of the Gram
+        if not all(torch.isfinite(t.sum()) for t in self.sums):
             raise FloatingPointError(f"non-finite activations at {where}: check the checkpoint and the input data")
         return self
 
@@ -114,6 +121,8 @@ class LayerStatistics:
         return residual.flatten() + target_energy
 
     def all_reduce(self) -> LayerStatistics:
+        if world_size() == 1:  # nothing to reduce: no flat copy of a Gram of up to 170 MB
+            return self
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
         flat = all_reduce_sum(torch.cat([t.flatten() for t in self.sums] + [rows]))
         parts = flat.split([t.numel() for t in self.sums] + [1])
@@ -150,7 +159,7 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
     else:
         dtype = torch.promote_types(x.dtype, product_dtype(x.device))
     x, y = x.detach().to(dtype), y.detach().to(dtype)
-    if x.is_cuda and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if x.is_cuda and dtype == torch.float32:
         with _no_tf32():
             return _chunk_statistics(layer, x, y)
     return _chunk_statistics(layer, x, y)
@@ -158,19 +167,20 @@ def chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Ten
 
 @contextmanager
 def _no_tf32():
-    """Full float32 products (TF32 keeps 10 mantissa bits: too few for a Gram)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """Full float32 products (TF32 keeps 10 mantissa bits: too few for a Gram), in matrix products and in cuDNN's
+    convolutions (a conv's cross term)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Tensor) -> LayerStatistics:
-    t = targets(layer, y)
     if isinstance(layer, nn.Conv2d):  # in slices of images, each formed and multiplied while still in cache
-        size = max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * layer.kernel_size[1]))
-        sums = None  # float64, added slice by slice: one slice's float32 Gram alive at a time
+        sums = None  # float64, added slice by slice
+        size = _slice_images(layer, x)
         for a, b in zip(x.split(size), y.split(size), strict=True):
             part = _conv_sums(layer, a, b)
             if sums is None:
@@ -178,64 +188,138 @@ def _chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Te
             else:
                 for total, piece in zip(sums, part, strict=True):
                     total += piece
-            del part  # else this slice's float32 Gram stays alive while the next slice's is formed
+            del part  # else this slice's sums stay alive while the next slice's are formed
         gram, cross, patch_sum = sums
+        target_sum, rows = y.sum((0, 2, 3)).view(layer.groups, -1), y.numel() // y.shape[1]
     else:
-        p = patches(layer, x)
+        p, t = patches(layer, x), targets(layer, y)
         gram, cross, patch_sum = p @ p.mT, p @ t, p.sum(2)
-    return LayerStatistics(gram.double(), cross.double(), patch_sum.double(), t.sum(1).double(), t.shape[1])
+        target_sum, rows = t.sum(1), t.shape[1]
+    return LayerStatistics(gram.double(), cross.double(), patch_sum.double(), target_sum.double(), rows)
+
+
+def _slice_images(conv: nn.Conv2d, x: torch.Tensor) -> int:
+    """Images of ``x`` per slice of the conv's products: their input, once per kernel column, within
+    ``_CONV_SLICE_ELEMENTS``."""
+    return max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * conv.kernel_size[1]))
 
 
 def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(Gram, cross, patch sum) of the conv's patches, per group, from products of kernel-row pairs.
+    """(Gram, cross, patch sum) of the conv's patches, per group: the Gram from ``_conv_gram`` (in float64), the
+    cross term as the conv's weight gradient for output gradient y, the patch sum from the images' sum."""
+    xp = _padded(conv, x)
+    g, k = conv.groups, conv.weight[0].numel()
+    cross = sum(torch.nn.grad.conv2d_weight(a, conv.weight.shape, b, conv.stride, 0, conv.dilation, g).double()
+                for a, b in zip(xp.split(_CROSS_IMAGES), y.split(_CROSS_IMAGES), strict=True))  # fmt: skip
+    summed = F.unfold(xp.sum(0, keepdim=True), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    return _conv_gram(conv, xp, y.shape[2:]), cross.view(g, -1, k).mT, summed.sum(2).view(g, k)
 
-    u holds, for each kernel column j, the padded input shifted by j (dilated, strided as the conv does), images
-    side by side in each row: the patch entries of kernel row i over all output rows are u's input rows i*d,
-    i*d + s, ... One product of u's rows with themselves shifted by (i' - i)*d gives every (c, i, j), (c', i', j')
-    entry at once; with stride 1 the rows shared by all kernel rows are multiplied once per shift, and each pair
-    adds only its edge rows.
+
+def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """The patch Gram (g, K, K), float64, of the padded input ``xp``, from one product per kernel offset and input
+    column.
+
+    Entry ((c, i, j), (c', i + di, j + dj)) sums x[c, a, b] x[c', a + di*dh, b + dj*dw] over the input positions
+    (a, b) that kernel position (i, j) reads: rows i*dh + sh*p and columns j*dw + sw*q (p, q over the output). So
+    for one row offset di, each input column b is multiplied with its partner columns b + dj*dw, every dj at once,
+    rows and images summed inside the product; the rows are split into bands read by the same kernel rows, each band
+    multiplied once and added to every kernel row that reads it. A kernel position's block is its kernel row's sum
+    over the columns it reads. With zero padding, rows and columns that are padding in either factor are left out
+    (their products are 0). About (kw + (kh - 1)(2 kw - 1)) (C/g)^2 multiply-adds per input position: 13/81 of the
+    unfolded Gram's for a 3x3 kernel.
     """
-    xp = _padded(conv, x).permute(1, 2, 0, 3)  # (C, Hp, N, Wp)
     (kh, kw), (dh, dw), (sh, sw), g = conv.kernel_size, conv.dilation, conv.stride, conv.groups
-    c, hp, n, _ = xp.shape
-    ho, wo = y.shape[2:]
+    ho, wo = out_size
+    n, c, hp, wp = xp.shape
     cg = c // g
-    u = torch.stack([xp[..., j * dw : j * dw + sw * (wo - 1) + 1 : sw] for j in range(kw)], 1)  # (C, kw, Hp, N, Wo)
-    u = u.view(g, cg * kw, hp, n * wo)
-    # targets in u's row order, with a constant column whose cross term is the patch sum
-    t = y.reshape(n, g, -1, ho, wo).permute(1, 3, 0, 4, 2).reshape(g, ho * n * wo, -1)
-    t = torch.cat([t, t.new_ones(g, len(t[0]), 1)], 2)
-
-    def rows(first: int, count: int) -> torch.Tensor:  # (g, J, count * N * Wo): input rows first, first + s, ...
-        return u[:, :, first : first + sh * (count - 1) + 1 : sh].flatten(2)
-
-    def product(i: int, shift: int, lo: int, hi: int) -> torch.Tensor:  # kernel rows i, i + shift; output rows lo:hi
-        return rows(i * dh + sh * lo, hi - lo) @ rows((i + shift) * dh + sh * lo, hi - lo).mT
-
-    gram = x.new_empty(g, cg, kh, kw, cg, kh, kw)
-    for shift in range(kh):
-        pairs = range(kh - shift)  # kernel row i pairs with i + shift
-        # stride 1: kernel row i reads input rows i*d + (0..ho-1); output rows p >= (kh-1-shift)*d read rows every
-        # pair reads, so multiply them once (as output rows of i = 0: p in [common, ho)) and add each pair's edges
-        common = (kh - 1 - shift) * dh
-        shared = product(0, shift, common, ho) if sh == 1 and common < ho else None
-        for i in pairs:
-            if shared is None:
-                block = product(i, shift, 0, ho)
-            else:
-                lead, tail = common - i * dh, i * dh  # pair i's rows before / after the shared ones
-                block = shared.clone()
-                if lead > 0:
-                    block += product(i, shift, 0, lead)
-                if tail > 0:
-                    block += product(i, shift, ho - tail, ho)
-            block = block.view(g, cg, kw, cg, kw)
-            gram[:, :, i, :, :, i + shift] = block
-            gram[:, :, i + shift, :, :, i] = block.permute(0, 3, 4, 1, 2)
-    cross = torch.stack([rows(i * dh, ho) @ t for i in range(kh)], 2)  # (g, J, kh, O/g + 1)
+    (top, bottom), (left, right) = _support(conv, hp, wp)
+    margin = (kw - 1) * dw  # zero columns on both sides: every column's partner window lies inside
+    hk = -(-hp // sh)  # rows per residue class mod sh
+    # (columns, groups, channels, row mod sh, row // sh, images): the rows a stride reads, with all images, are
+    # contiguous, so every product's factors are views
+    cols = xp.new_zeros(wp + 2 * margin, g, cg, sh, hk, n)
+    images_last = xp.reshape(n, -1).T.contiguous().view(g, cg, hp, wp, n)  # then moving whole rows of images: fast
+    for r in range(min(sh, hp)):
+        rows = images_last[:, :, r::sh]
+        cols[margin : margin + wp, :, :, r, : rows.shape[2]] = rows.permute(3, 0, 1, 2, 4)
+    first_col, end_col = left, min(right, (kw - 1) * dw + sw * (wo - 1) + 1)  # read and not padding
+    first = cols[margin + first_col : margin + end_col]
+    reads = xp.new_zeros(kw, end_col - first_col)  # reads[j, b]: 1 where kernel column j reads column first_col + b
+    for j in range(kw):
+        read = _strided_slice(j * dw, sw, wo, first_col, end_col)
+        if read is not None:
+            reads[j, read] = 1
+    gram = xp.new_zeros(g, cg, kh, kw, cg, kh, kw)
+    for di in range(kh):
+        lowest = 0 if di == 0 else 1 - kw  # partners dj = lowest, ..., kw - 1 (at di = 0, dj < 0 are transposes)
+        m = kw - lowest
+        window = cols.unfold(0, (m - 1) * dw + 1, 1)[..., ::dw]  # window[b][..., e]: column b + e*dw
+        second = window[margin + first_col + lowest * dw : margin + end_col + lowest * dw]
+        sums = _row_band_products(first, second, reads, di, (kh, dh, sh, ho), (top, bottom - di * dh))
+        for i, blocks in sums.items():
+            blocks = blocks.view(kw, g, cg, m, cg)  # [j, g, c, e, c']: partner column j + lowest + e
+            for j in range(kw):
+                e_lo, e_hi = max(0, -j - lowest), min(m, kw - j - lowest)
+                partners = slice(j + lowest + e_lo, j + lowest + e_hi)
+                block = blocks[j, :, :, e_lo:e_hi]
+                gram[:, :, i, j, :, i + di, partners] = block.permute(0, 1, 3, 2)
+                gram[:, :, i + di, partners, :, i, j] = block.permute(0, 3, 2, 1)
     k = cg * kh * kw
-    cross = cross.view(g, cg, kw, kh, -1).transpose(2, 3).reshape(g, k, -1)
-    return gram.view(g, k, k), cross[..., :-1], cross[..., -1]
+    return gram.view(g, k, k).double()
+
+
+def _row_band_products(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    reads: torch.Tensor,
+    di: int,
+    rows: tuple[int, int, int, int],
+    support: tuple[int, int],
+) -> dict[int, torch.Tensor]:
+    """Per kernel row i paired with i + di, and per kernel column j: the sum of first[b] @ second[b]^T over the rows
+    i reads (inside ``support``) and the columns b that j reads (``reads``), as (kw, g * C/g * m * C/g).
+
+    ``first`` is (columns, g, C/g, sh, rows // sh, N), ``second`` the same with a window of m partner columns last.
+    Per residue of the rows mod the stride, the rows are split at every kernel row's first and last: each band is
+    read by the same kernel rows, multiplied once and summed over each kernel column's columns at once (so only
+    one band's products are held)."""
+    (kh, dh, sh, ho), (top, bottom) = rows, support
+    columns, g, cg = first.shape[:3]
+    sums: dict[int, torch.Tensor] = {}
+    for r in range(sh):
+        # row r + sh*k pairs with row partner_r + sh*(k + offset)
+        partner_r, offset = (r + di * dh) % sh, (r + di * dh) // sh
+        lo, hi = -(-(top - r) // sh), -(-(bottom - r) // sh)  # rows r + sh*k inside the support
+        spans = {  # kernel row i: the rows r + sh*k it reads, k in [first, end)
+            i: (max(lo, i * dh // sh), min(hi, i * dh // sh + ho)) for i in range(kh - di) if i * dh % sh == r
+        }
+        edges = sorted({k for first_k, end_k in spans.values() if first_k < end_k for k in (first_k, end_k)})
+        for start, stop in pairwise(edges):
+            readers = [i for i, (first_k, end_k) in spans.items() if first_k <= start and stop <= end_k]
+            if not readers:
+                continue
+            a = first[:, :, :, r, start:stop].reshape(columns, g, cg, -1)
+            b = second[:, :, :, partner_r, start + offset : stop + offset].permute(0, 1, 5, 2, 3, 4)
+            product = reads @ (a @ b.reshape(columns, g, -1, a.shape[-1]).mT).flatten(1)
+            for i in readers:
+                sums[i] = product if i not in sums else sums[i] + product
+    return sums
+
+
+def _strided_slice(start: int, step: int, count: int, lo: int, hi: int) -> slice | None:
+    """Where start, start + step, ... (``count`` of them) fall in [lo, hi), as a slice counted from lo; None if
+    nowhere."""
+    skip = max(0, -(-(lo - start) // step))
+    first, last = start + step * skip, min(start + step * (count - 1), hi - 1)
+    return slice(first - lo, last - lo + 1, step) if first <= last else None
+
+
+def _support(conv: nn.Conv2d, hp: int, wp: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The rows and columns of the padded input that can be non-zero: all but zero padding."""
+    if conv.padding_mode != "zeros":
+        return (0, hp), (0, wp)
+    left, right, top, bottom = _explicit_padding(conv)
+    return (top, hp - bottom), (left, wp - right)
 
 
 def layer_statistics(
@@ -244,7 +328,7 @@ def layer_statistics(
     """Sufficient statistics of ``layer`` fed ``inputs`` (chunks) for the target ``outputs`` (same chunks),
     summed over this process's chunks and across processes."""
     total = None
-    for x, y in zip(inputs, outputs, strict=True):
+    for x, y in _joined(layer, inputs, outputs):
         part = chunk_statistics(layer, x, y)
         if total is None:
             total = part
@@ -256,6 +340,32 @@ def layer_statistics(
     if total is None:
         raise ValueError("reconstruction needs calibration data: no chunk reached the layer")
     return total.all_reduce().check_finite("a reconstructed layer")
+
+
+def _joined(
+    layer: nn.Conv2d | nn.Linear, inputs: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (input, output) chunks, for a conv with consecutive chunks joined while they fit one slice of its
+    products (``_slice_images``): the costs paid per product and per Gram are then paid once per slice, not once per
+    chunk (a few chunks of a small image each, deep in a network). A Linear's chunks pass as they are."""
+    if not isinstance(layer, nn.Conv2d):
+        yield from zip(inputs, outputs, strict=True)
+        return
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for x, y in zip(inputs, outputs, strict=True):
+        fits = sum(len(a) for a, _ in held) + len(x) <= _slice_images(layer, x)
+        if held and not (fits and held[0][0].shape[1:] == x.shape[1:]):  # images of one size only
+            yield _concatenated(held)
+        held.append((x, y))
+    if held:
+        yield _concatenated(held)
+
+
+def _concatenated(held: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held chunks as one; ``held`` is emptied, so they are released with the result."""
+    xs, ys = zip(*held, strict=True)
+    held.clear()
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
 
 
 @torch.no_grad()

@@ -254,7 +254,7 @@ def test_row_scoped_mask_keeps_each_rows_top_scores():
         assert set(chosen[row].nonzero().flatten().tolist()) == set(ranked[row, :kept].tolist())
 
 
-STATISTICS_CONVS = {  # (conv, input height and width): strides, edge cases of the row shifts
+STATISTICS_CONVS = {  # (conv, input height and width): strides, dilations, groups, padding, edges
     "3x3_12x12": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (12, 12)),
     "3x3_7x8": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (7, 8)),
     "stride_rows": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=(2, 1), padding=1), (9, 7)),
@@ -269,16 +269,29 @@ STATISTICS_CONVS = {  # (conv, input height and width): strides, edge cases of t
         (6, 6),
     ),
     "pointwise": (dict(in_channels=6, out_channels=4, kernel_size=1), (5, 5)),
+    "pointwise_stride": (dict(in_channels=3, out_channels=4, kernel_size=1, stride=2), (7, 6)),
+    "stride_2_padded_odd": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), (9, 7)),
+    "stride_3_dilation_2": (
+        dict(in_channels=2, out_channels=3, kernel_size=3, stride=(3, 2), dilation=2, padding=(2, 1)),
+        (11, 10),
+    ),
+    "depthwise_stride": (dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=4), (8, 7)),
+    "padding_beyond_the_image": (dict(in_channels=2, out_channels=3, kernel_size=3, padding=3), (2, 3)),
+    "circular_dilated_columns": (
+        dict(
+            in_channels=3, out_channels=2, kernel_size=(2, 3), dilation=(1, 2), padding=(1, 2), padding_mode="circular"
+        ),
+        (5, 6),
+    ),
 }
 
 
 @pytest.mark.parametrize("one_image_per_slice", [False, True])
 @pytest.mark.parametrize("kind", sorted(STATISTICS_CONVS))
 def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_slice, monkeypatch):
-    """The kernel-row-pair Gram, cross term and sums equal X^T X, X^T Y and the sums of explicitly built patches,
-    whether a chunk is multiplied whole or image by image."""
-    if one_image_per_slice:
-        monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS", 1)
+    """The kernel-offset Gram, cross term and sums equal X^T X, X^T Y and the sums of explicitly built patches,
+    whether a chunk is multiplied whole (its cross term image by image) or image by image."""
+    monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS" if one_image_per_slice else "_CROSS_IMAGES", 1)
     torch.manual_seed(3)
     config, size = STATISTICS_CONVS[kind]
     conv = nn.Conv2d(**config).double()
@@ -300,6 +313,21 @@ def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_sli
     assert stats.rows == patches.shape[0] * patches.shape[1] * patches.shape[2]
 
 
+def test_chunks_joined_into_slices_give_the_statistics_of_each_chunk_alone(monkeypatch):
+    """Consecutive chunks are joined into one slice of a conv's products (images of one size only): the sums are
+    those of the chunks taken one by one."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    inputs = [torch.randn(2, 3, *size, dtype=torch.float64) for size in ((6, 6), (6, 6), (7, 5), (7, 5), (6, 6))]
+    outputs = [torch.randn_like(conv(x)) for x in inputs]
+    joined = layer_statistics(conv, inputs, outputs)
+    monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS", 1)  # one chunk per slice
+    alone = layer_statistics(conv, inputs, outputs)
+    for mine, theirs in zip(joined.sums, alone.sums, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-10)
+    assert joined.rows == alone.rows == 2 * (3 * 36 + 2 * 35)
+
+
 def test_statistics_release_each_chunk_before_the_next(monkeypatch):
     """Only the running total outlives a chunk: its sums (a Gram can be 170 MB) and activations are released before
     the next chunk's are formed, so the memory does not grow with the number of chunks."""
@@ -315,6 +343,7 @@ def test_statistics_release_each_chunk_before_the_next(monkeypatch):
         return part
 
     monkeypatch.setattr(reconstruction, "chunk_statistics", tracked)
+    monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS", 1)  # no two chunks joined into one slice
     inputs = (torch.randn(2, 3, 5, 5) for _ in range(5))  # generated chunks: nothing else holds them
     outputs = (torch.randn(2, 4, 5, 5) for _ in range(5))
     stats = layer_statistics(conv, inputs, outputs)
