@@ -40,8 +40,8 @@ from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network
 from lightning_repair.repair import repair
 
-PRESETS = ("bn_recalibration", "default", "asr", "reconstruct", "reconstruct_dense_bn")
-FLOOR = {"bn_recalibration": 1, "default": 2, "asr": 2, "reconstruct": 2, "reconstruct_dense_bn": 2}
+PRESETS = ("bn_recalibration", "default", "asr", "reconstruct", "reconstruct_dense_bn", "reconstruct_ols")
+FLOOR = {preset: 1 if preset == "bn_recalibration" else 2 for preset in PRESETS}  # the pruned walk, and the dense one
 
 
 def recipes(args) -> dict[str, str | list[dict]]:
@@ -130,7 +130,8 @@ def table(arch: str, result: dict, args) -> list[str]:
         t = best[preset] / f
         if preset == "bn_recalibration":
             peer = f"{best[preset] / best['update_bn']:.2f}x"
-        elif "+" in preset and "reconstruct" in best:  # a mask rule: its cost next to plain reconstruct's
+        elif ("+" in preset or preset == "reconstruct_ols") and "reconstruct" in best:
+            # a mask selection: its cost next to plain reconstruct's
             peer = f"{best[preset] / best['reconstruct']:.2f}x `reconstruct`"
         else:
             peer = ""
