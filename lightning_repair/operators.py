@@ -346,7 +346,7 @@ PRESETS: dict[str, list[dict]] = {
     # the same with BNs at the dense statistics, each conv + BN pair re-solved as one affine layer
     "reconstruct_dense_bn": [{"op": "reconstruct", "recalibrate_bn": False}],
     # reconstruct, each layer's mask first re-selected by forward_ols for the re-solve's own error: the most
-    # accurate preset measured (docs/methods.md), at up to 2x reconstruct's cost
+    # accurate preset measured (docs/methods.md), at 1.2-1.5x reconstruct's cost
     "reconstruct_ols": [{"op": "reconstruct", "mask": "forward_ols"}],
 }
 
