@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_sweep.py --network resnet18 \
         [--sparsities 0.9 ... 0.98] [--repair reconstruct_dense_bn] [--max-candidates 30] \
         [--output benchmarks/results/search_sweep.csv]
-    .venv/bin/python benchmarks/search_sweep.py --report   # table against the fixed rules
+    .venv/bin/python benchmarks/search_sweep.py --report [--fixed-sweeps RESULTS.csv ...]   # against the fixed rules
 
 Per cell: ``search_allocation`` on the calibration set (F measured on it, the same process), then the chosen keep
 counts pruned by magnitude and repaired with the cell's recipe on all calibration images, and evaluated on the test
@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).parent))
 from search_setup import NETWORKS, load, read_rows, write_rows  # noqa: E402
 
@@ -36,6 +38,8 @@ parser.add_argument("--label", default="search", help="the allocation's name in 
 parser.add_argument("--output", type=Path, default=Path("benchmarks/results/search_sweep.csv"))
 parser.add_argument("--fixed", type=Path, default=Path("benchmarks/results/search_objective.csv"))
 parser.add_argument("--report", action="store_true")
+parser.add_argument("--fixed-sweeps", nargs="*", type=Path, default=[],
+                    help="with --report: sweeps' results.csv files that also hold fixed rules' cells (by checkpoint)")
 args = parser.parse_args()
 
 
@@ -60,8 +64,25 @@ def report(rows: list[dict], fixed_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_rows(path: Path) -> list[dict]:
+    """A sweep's results.csv as fixed-rule rows: its checkpoint as the network, a recipe that is a preset by name."""
+    from lightning_repair.operators import PRESETS
+
+    networks = {yaml.safe_load(Path(c).read_text())["model"]["init_args"]["checkpoint"]: n for n, c in NETWORKS.items()}
+    presets = {json.dumps(ops, sort_keys=True): name for name, ops in PRESETS.items()}
+    rows = []
+    for r in read_rows(path):
+        repair = r["repair"]
+        if repair.startswith("["):  # a recipe spelled out: the preset it equals, if any
+            repair = presets.get(json.dumps(json.loads(repair), sort_keys=True))
+        rows.append({"network": networks.get(r["checkpoint"]), "sparsity": r["sparsity"], "repair": repair,
+                     "allocation": r["allocation"], "top1": r["acc_repaired"]})  # fmt: skip
+    return rows
+
+
 if args.report:
-    print(report(read_rows(args.output), read_rows(args.fixed)))
+    fixed = read_rows(args.fixed) + [row for path in args.fixed_sweeps for row in sweep_rows(path)]
+    print(report(read_rows(args.output), fixed))
     sys.exit()
 
 from lightning_repair.evaluation import calibration_forward_time  # noqa: E402
