@@ -35,19 +35,27 @@ def without_times(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
 
+def as_from_a_terminal() -> None:
+    """A child's SIGINT at its default, as a command typed at a terminal has it: a test run started in the background
+    (``make test &``) has SIGINT ignored, which every child would inherit and keep (Python leaves an ignored SIGINT
+    ignored), so that Ctrl-C could not reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_sweep(config: Path, *flags: str, log: Path | None = None) -> subprocess.Popen:
     """The sweep in a subprocess, its stderr into ``log`` (a file, not a pipe: the progress bar would fill a pipe
     that nobody reads while the test waits for a row, and block the sweep)."""
     with open(log or os.devnull, "w") as stderr:
         return subprocess.Popen(
             [sys.executable, "-m", "lightning_repair.sweep", "--config", str(config), *flags],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+            env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True, preexec_fn=as_from_a_terminal,
         )  # fmt: skip
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as output:
-        return subprocess.Popen(command, env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(command, env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=as_from_a_terminal)  # fmt: skip
 
 
 def wait_for(path: Path, proc: subprocess.Popen, rows: int = 1) -> None:
@@ -290,9 +298,6 @@ def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, dense_checkpoint):
         while not _mapped(proc.pid, "libtorch"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        # not at the very mapping: a signal that lands in a C library's initialiser can be lost (seen once under
-        # load, the run then finished); the imports of torch, Lightning and the CLI take seconds more
-        time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=TIMEOUT)
     finally:
