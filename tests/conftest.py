@@ -20,6 +20,12 @@ def one_thread():
 
 
 @pytest.fixture
+def raise_errors(monkeypatch):
+    """Errors reach the tests as exceptions (the console script prints one line: tests/test_cli.py)."""
+    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
+
+
+@pytest.fixture
 def dense() -> torch.nn.Module:
     return calibrated_dense()
 

@@ -13,10 +13,7 @@ from lightning_repair.cache import DigestCache, batches_digest, files_fingerprin
 
 from helpers import calibrated_dense, leftover_temp_files, pipeline_config, read_metrics, run_fit, write_config
 
-
-@pytest.fixture(autouse=True)
-def raise_errors(monkeypatch):
-    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
+pytestmark = pytest.mark.usefixtures("raise_errors")  # errors as exceptions (conftest.py)
 
 
 KEY = {"model": "abc", "grid": [0.5, 0.9]}

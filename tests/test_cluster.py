@@ -67,6 +67,14 @@ def wait_for(path: Path, proc: subprocess.Popen, rows: int = 1) -> None:
         time.sleep(0.05)
 
 
+def wait_until(ready, proc: subprocess.Popen, log: Path) -> None:
+    """Until ``ready()``, while ``proc`` runs (its output in ``log`` if it stops or the time runs out)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def complete(tmp_path_factory) -> tuple[Path, list[dict]]:
     """The grid run by one process: (checkpoint, rows)."""
@@ -263,10 +271,7 @@ def test_sigterm_of_fit_exits_143_and_leaves_no_empty_run(tmp_path, dense_checkp
     log = tmp_path / "fit.log"
     proc = start([sys.executable, "-c", STALLED_FIT, str(marker), "fit", "--config", str(config)], log)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_until(marker.exists, proc, log)
         assert (run_dir(tmp_path) / "config.yaml").exists()  # the framework had started the run folder
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=TIMEOUT)
@@ -294,10 +299,7 @@ def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, dense_checkpoint):
     log = tmp_path / "fit.log"
     proc = start([sys.executable, "-m", "lightning_repair.cli", "fit", "--config", str(config)], log)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not _mapped(proc.pid, "libtorch"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_until(lambda: _mapped(proc.pid, "libtorch"), proc, log)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=TIMEOUT)
     finally:

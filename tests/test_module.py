@@ -34,11 +34,7 @@ from helpers import (
     write_config,
 )
 
-
-@pytest.fixture(autouse=True)
-def raise_errors(monkeypatch):
-    """Errors reach the tests as exceptions (the console script would print one line)."""
-    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
+pytestmark = pytest.mark.usefixtures("raise_errors")  # errors as exceptions (conftest.py)
 
 
 LAYER_FIELDS = {"name", "role", "shape", "numel", "kept", "density", "rr", "d_raw", "d_res"}

@@ -43,11 +43,7 @@ from helpers import (
     write_config,
 )
 
-
-@pytest.fixture(autouse=True)
-def raise_errors(monkeypatch):
-    """Errors reach the tests as exceptions (the console script prints one line: tests/test_cli.py)."""
-    monkeypatch.setenv("LIGHTNING_REPAIR_TRACEBACK", "1")
+pytestmark = pytest.mark.usefixtures("raise_errors")  # errors as exceptions (conftest.py)
 
 
 def nothing_written(root) -> bool:
