@@ -81,16 +81,69 @@ class Override:
         _selector(self.select)  # validates role names and regexes early
 
 
+FIXED_RULES = ("global", "erk", "lamp")  # the rules ``search`` always scores
+OBJECTIVES = ("kl", "mse")
+TABLE_FACTORS = (0.25, 0.4, 0.63, 1.6, 2.5, 4.0)
+
+
+@dataclass
+class SearchOptions:
+    """Options of the ``search`` allocation (search.py).
+
+    Args:
+        objective: ``kl`` (mean KL divergence of the repaired from the dense softmax) or ``mse`` (mean squared
+            logit difference), on the score images.
+        fit_images: calibration images the stand-in repair and the error table are fitted on (the first ones).
+        score_images: calibration images the objective is measured on (the last ones; disjoint from the fit
+            images when the calibration set holds both).
+        max_candidates: allocations scored, the three fixed rules included.
+        step: initial step of the pattern search along each direction of log c (search_directions).
+        min_step: the search ends when the step, halved after every round without improvement, falls below it.
+        factors: the error table's knots of a layer, besides the fixed rules' keep counts: these multiples of the
+            geometric mean of those counts (capped at the layer's size).
+    """
+
+    objective: str = "kl"
+    fit_images: int = 1024
+    score_images: int = 1024
+    max_candidates: int = 7
+    step: float = 0.5
+    min_step: float = 0.06
+    factors: tuple[float, ...] = TABLE_FACTORS
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"search.objective: {self.objective!r} is not one of {OBJECTIVES}")
+        for name in ("fit_images", "score_images", "max_candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"search.{name} must be an integer >= 1, got {value!r}")
+        if self.max_candidates < len(FIXED_RULES):
+            raise ValueError(f"search.max_candidates must be >= {len(FIXED_RULES)} (the fixed rules are scored)")
+        for name in ("step", "min_step"):
+            if not is_real(getattr(self, name)):
+                raise TypeError(f"search.{name} must be a number, got {getattr(self, name)!r}")
+        if isinstance(self.factors, str):
+            raise TypeError(f"search.factors must be a list of numbers, got {self.factors!r}")
+        if not 0 < self.min_step <= self.step:
+            raise ValueError(f"search: need 0 < min_step <= step, got {self.min_step!r}, {self.step!r}")
+        self.factors = tuple(sorted({float(f) for f in self.factors}))
+        if any(not f > 0 for f in self.factors):
+            raise ValueError(f"search.factors must be > 0, got {list(self.factors)}")
+
+
 @dataclass
 class Allocation:
     """Which allocation method, with its options.
 
     Args:
-        method: uniform, global, erk, lamp, or the RR-guided rr and erk_rr (which need an RR profile).
+        method: uniform, global, erk, lamp, the RR-guided rr and erk_rr (which need an RR profile), or ``search``
+            (which repairs candidate allocations on the calibration images: ``pipeline.choose_keep``).
         power: ERK exponent on the raw score (1 = Evci et al.).
         rr_power: erk_rr's exponent on the RR reweighting (0 = plain ERK).
         keep_dense: selectors (``role:first``, a name regex) of layers kept dense.
         overrides: per-layer forced sparsities and density caps.
+        search: the ``search`` method's options (ignored by the others).
     """
 
     method: str = "erk"
@@ -98,10 +151,18 @@ class Allocation:
     rr_power: float = 1.0
     keep_dense: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
+    search: SearchOptions = field(default_factory=SearchOptions)
 
     def __post_init__(self):
-        if not isinstance(self.method, str) or self.method not in ALLOCATIONS:
-            raise ValueError(f"allocation.method: unknown method {self.method!r}; choose from {sorted(ALLOCATIONS)}")
+        if not isinstance(self.method, str) or self.method not in methods():
+            raise ValueError(f"allocation.method: unknown method {self.method!r}; choose from {methods()}")
+        if isinstance(self.search, Mapping):
+            try:
+                self.search = SearchOptions(**self.search)
+            except TypeError as err:
+                raise ValueError(f"allocation.search: {err}") from None
+        if not isinstance(self.search, SearchOptions):
+            raise TypeError(f"allocation.search must be a dict of search options, got {self.search!r}")
         for name in ("power", "rr_power"):
             value = getattr(self, name)
             if not is_real(value):
@@ -161,6 +222,14 @@ ALLOCATIONS: dict[str, Method] = {}
 
 
 PROFILE_METHODS: set[str] = set()  # methods that also get the RR profile passed to allocate, as ``profile=``
+# methods that repair candidate allocations on calibration images, so need the data and the recipe that ``allocate``
+# does not have: pipeline.choose_keep runs them
+DATA_METHODS = ("search",)
+
+
+def methods() -> list[str]:
+    """Every allocation method's name: the registry's and the data-driven ones."""
+    return sorted([*ALLOCATIONS, *DATA_METHODS])
 
 
 def register(name: str, needs_profile: bool = False) -> Callable[[Method], Method]:
@@ -189,6 +258,12 @@ def allocate(
     forced layers keep, is refused.
     """
     allocation = as_allocation(allocation)
+    if allocation.method in DATA_METHODS:
+        raise ValueError(
+            f"allocation {allocation.method!r} repairs candidate allocations on calibration images, so allocate() "
+            "cannot run it: use prune_and_repair(...) or pipeline.choose_keep(model, batches, sparsity, allocation, "
+            "recipe)"
+        )
     method = ALLOCATIONS[allocation.method]
     if allocation.method in PROFILE_METHODS:
         if profile is None:

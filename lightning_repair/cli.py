@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from tqdm.auto import tqdm
 
-from .allocation import ALLOCATIONS
+from .allocation import methods
 from .datamodule import ImageDataModule
 from .evaluation import evaluate, evaluation_precision
 from .export import atomic_write_json, load_exported, read_metadata, unpickling_reason
@@ -481,7 +481,7 @@ def fit_epilog() -> str:
         "prune and repair (model.class_path: lightning_repair.PruneRepairModule, as in configs/quickstart.yaml):\n"
         f"  --model.sparsity S     target global sparsity over prunable weights, in [0, 1) "
         f"(default {defaults['sparsity']})\n"
-        f"  --model.allocation M   {', '.join(ALLOCATIONS)}, or a dict with options "
+        f"  --model.allocation M   {', '.join(methods())}, or a dict with options "
         f"(default {defaults['allocation']}; see configs/allocation/)\n"
         f"  --model.repair R       a preset below, or a list of operators [{{op: ...}}, ...] "
         f"(default {defaults['repair']})\n"

@@ -17,13 +17,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import PROFILE_METHODS, Allocation, allocate, as_allocation, format_table
+from .allocation import PROFILE_METHODS, Allocation, as_allocation, format_table
 from .cache import DigestCache, batches_digest, dense_accuracy_key, model_digest, profile_codec
 from .callbacks import DiscardFailedRun, RepairLogger, tensorboard_loggers
 from .datamodule import data_config, pipeline_data
 from .diagnostics import DEFAULT_GRID, RR_REPAIRS, RRProfile, check_grid, rr_profile
 from .evaluation import calibration_forward_time, evaluate, evaluation_precision
 from .export import atomic_write_json, export
+from .layers import prunable_layers
 from .models import (
     Network,
     NetworkSpec,
@@ -35,7 +36,7 @@ from .models import (
     resolve_network,
 )
 from .operators import parse_recipe
-from .pipeline import check_operators_fit, prune_and_repair
+from .pipeline import check_operators_fit, choose_keep, prune_and_repair
 from .records import init_args, plain, run_hparams, run_record
 from .stats import count_over_processes
 from .stores import STORES, Activations
@@ -55,7 +56,9 @@ class PruneRepairModule(pl.LightningModule):
         checkpoint: dense weights (a checkpoint this tool wrote, a Lightning checkpoint, a state_dict or torchvision's
             layout).
         sparsity: target global sparsity over prunable weights, in [0, 1).
-        allocation: a method name (uniform, global, erk, lamp, rr, erk_rr) or a dict with options.
+        allocation: a method name (uniform, global, erk, lamp, rr, erk_rr, search) or a dict with options
+            (``{method: search, search: {max_candidates: 7}}``; search scores candidate allocations by repairing
+            them with this run's repair, about 10 dense calibration passes each).
         repair: a preset (``lightning-repair fit --help`` lists them with their operators) or a
             list of operators, e.g. ``[{op: bn_recalibration}, {op: variance_matching, ...}]``.
         save_model: write the repaired model (dense-shaped and compact sparse) to the log dir.
@@ -170,9 +173,10 @@ class PruneRepairModule(pl.LightningModule):
                     "dense_accuracy", dense_accuracy_key(self._digests, dm, precision),
                     lambda: test(dense, "evaluate dense"), "the dense accuracy",
                 )  # fmt: skip
-        keep, self.profile, at_allocation = self._allocate(dense, calibration, timings)
+        keep, search, self.profile, at_allocation = self._allocate(dense, calibration, timings, bar)
         result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
                                   activations=hp.activations)  # fmt: skip
+        result.search = search
         for key, seconds in result.timings.items():
             timings[key] = timings.get(key, 0.0) + seconds
 
@@ -198,17 +202,21 @@ class PruneRepairModule(pl.LightningModule):
         trainer.enable_autolog_hparams = False  # _write logged the hparams with the accuracies (no hp_metric=-1)
 
     def _allocate(
-        self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float]
-    ) -> tuple[dict[str, int], RRProfile | None, dict[str, dict]]:
-        """The keep counts, the RR profile (when rr_grid asks for one) and per layer name D_raw, D_res and RR at
-        the allocated keep count: measured in the profile's own pass when the allocation does not depend on the
-        profile, else in a second pass at one sparsity."""
+        self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float], bar
+    ) -> tuple[dict[str, int], dict | None, RRProfile | None, dict[str, dict]]:
+        """The keep counts, the search's record (allocation ``search``), the RR profile (when rr_grid asks for one)
+        and per layer name D_raw, D_res and RR at the allocated keep count (and the density the search started
+        from): measured in the profile's own pass when the allocation does not depend on the profile, else in a
+        second pass at one sparsity."""
         sparsity, needs_profile = self.hparams.sparsity, self.allocation.method in PROFILE_METHODS
         profile = None
         self.profile_cached = False
+        choose = lambda profile: choose_keep(dense, calibration, sparsity, self.allocation, self.recipe,  # noqa: E731
+                                             profile, timings["calibration_forward"], bar)  # fmt: skip
         if not self.rr_grid:
             with timed(timings, "allocation"):
-                return allocate(dense, sparsity, self.allocation), None, {}
+                keep, search = choose(None)
+            return keep, search, None, _search_start(dense, search)
         key = self._digests | {"calibration": batches_digest(calibration), "grid": self.rr_grid,
                                "rr_repair": self.hparams.rr_repair}  # fmt: skip
         with timed(timings, "rr"):
@@ -222,15 +230,17 @@ class PruneRepairModule(pl.LightningModule):
                 profile = self.cache.get("rr_profile", key, "the RR profile", profile_codec()[1])
                 self.profile_cached = profile is not None
         with timed(timings, "allocation"):
-            keep = allocate(dense, sparsity, self.allocation, profile=profile)
+            keep, search = choose(profile)
         with timed(timings, "rr"):
             grid = () if profile is not None else self.rr_grid
             measured = rr_profile(dense, calibration, grid, keep=keep, repair=self.hparams.rr_repair)
             if profile is None:
                 profile = measured
                 self.cache.put("rr_profile", key, measured, profile_codec()[0])
-        at_allocation = {row["name"]: {k: row[k] for k in ("rr", "d_raw", "d_res")} for row in measured.keep_rows()}
-        return keep, profile, at_allocation
+        at_allocation = _search_start(dense, search)
+        for row in measured.keep_rows():
+            at_allocation.setdefault(row["name"], {}).update({k: row[k] for k in ("rr", "d_raw", "d_res")})
+        return keep, search, profile, at_allocation
 
     def _cache_dir(self) -> Path | None:
         """``rr_cache``'s folder: ``auto`` is ``cache/`` in the folder that holds the runs of every sparsity and
@@ -255,6 +265,8 @@ class PruneRepairModule(pl.LightningModule):
         metrics |= {f"test/top5_{k}": v for k, v in res.get("accuracy_top5", {}).items()}
         metrics |= {f"time/{k}": v for k, v in res["timings_s"].items()}
         metrics["sparsity/achieved"] = res["sparsity"]["achieved"]
+        if "search" in res:
+            metrics["search/cost_f"] = res["search"]["cost_f"]
         # Trainer.log_dir broadcasts from rank 0: every process must read it, or rank 0 waits forever
         log_dir = self.trainer.log_dir
         if log_dir is None or not [lg for lg in self.trainer.loggers if not isinstance(lg, DummyLogger)]:
@@ -282,6 +294,9 @@ class PruneRepairModule(pl.LightningModule):
             + f"\n\naccuracy  dense {acc['dense']:.4f}  pruned {acc['pruned']:.4f}  repaired {acc['repaired']:.4f}"
             + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
             + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
+            + (f"\nallocation search: {res['search']['candidates']} candidates scored, started from "
+               f"{res['search']['start']}, chose {res['search']['chosen']}, {res['search']['cost_f']:.1f}x one dense "
+               "calibration pass" if "search" in res else "")
             + ("\nper-layer RR, D_raw and D_res: in metrics.json (no TensorBoard logger for the RR views)"
                if self.reports_rr_location else "")
             + f"\nwrote {log_dir / 'metrics.json'}"
@@ -289,15 +304,25 @@ class PruneRepairModule(pl.LightningModule):
         )
 
 
+def _search_start(dense: nn.Module, search: dict | None) -> dict[str, dict]:
+    """Per layer name, the density of the allocation the search started from (none when it did not run)."""
+    if search is None:
+        return {}
+    start = search["start_kept"]
+    return {layer.name: {"search_start_density": start[layer.name] / layer.numel} for layer in prunable_layers(dense)}
+
+
 def results_table(rows: list[dict]) -> str:
-    """The allocation table, with D_raw, D_res and RR at each layer's allocated sparsity when the run measured them
-    (``-``: undefined, the layer has no damage)."""
+    """The allocation table, with the density the ``search`` allocation started from, and D_raw, D_res and RR at
+    each layer's allocated sparsity, when the run has them (``-``: undefined, the layer has no damage)."""
     lines = format_table(rows).splitlines()
-    if not any("rr" in row for row in rows):
+    columns = [(key, title) for key, title in (("search_start_density", "start"), ("d_raw", "D_raw"),
+                                               ("d_res", "D_res"), ("rr", "RR")) if any(key in r for r in rows)]  # fmt: skip
+    if not columns:
         return "\n".join(lines)
     cell = lambda v: f"{'-':>8}" if v is None else f"{v:>8.4f}"  # noqa: E731
-    head = lines[0] + f" {'D_raw':>8} {'D_res':>8} {'RR':>8}"
-    body = [f"{line} {cell(r.get('d_raw'))} {cell(r.get('d_res'))} {cell(r.get('rr'))}"
+    head = lines[0] + "".join(f" {title:>8}" for _, title in columns)
+    body = [line + "".join(f" {cell(r.get(key))}" for key, _ in columns)
             for line, r in zip(lines[2:-1], rows, strict=True)]  # fmt: skip
     return "\n".join([head, "-" * len(head), *body, lines[-1]])
 

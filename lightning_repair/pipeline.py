@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .allocation import Allocation, allocate, allocation_table
+from .allocation import DATA_METHODS, Allocation, allocate, allocation_table, as_allocation
 from .diagnostics import RRProfile
 from .evaluation import evaluate as evaluate_on
 from .masks import apply_masks, compute_masks, mask_violations
@@ -39,6 +39,7 @@ class PruneRepairResult:
     timings: dict[str, float]
     pruned: dict | None = None  # accuracy of the pruned, unrepaired model (when evaluated)
     repaired: dict | None = None  # accuracy of the repaired model (when evaluated)
+    search: dict | None = None  # what the ``search`` allocation did (SearchRecord.summary), when it ran
 
     @property
     def achieved_sparsity(self) -> float:
@@ -56,6 +57,32 @@ def check_operators_fit(model: nn.Module, recipe: Sequence[Operator]) -> None:
             f"{type(model).__name__} has no BatchNorm layer, so repair operator(s) {', '.join(bn_only)} cannot run "
             "(they correct BatchNorm statistics); operators that need none: classifier_refit, reconstruct"
         )
+
+
+def choose_keep(
+    dense: nn.Module,
+    calibration: list[torch.Tensor],
+    sparsity: float,
+    allocation: str | Mapping | Allocation,
+    recipe: Sequence[Operator],
+    profile: RRProfile | None = None,
+    forward_s: float | None = None,
+    progress: Callable[[Iterable, str], Iterable] | None = None,
+) -> tuple[dict[str, int], dict | None]:
+    """Keep counts per layer, and the record of the search when ``allocation`` is ``search`` (None otherwise).
+
+    ``search`` scores candidate allocations by repairing them with ``recipe`` on ``calibration`` (search.py), so
+    it needs what ``allocate`` does not have; every other method is ``allocate``. ``forward_s``: the time of one
+    dense pass over ``calibration`` if already measured (the search reports its cost in it); ``progress``
+    wraps the search's candidates (a progress bar)."""
+    allocation = as_allocation(allocation)
+    if allocation.method not in DATA_METHODS:
+        return allocate(dense, sparsity, allocation, profile=profile), None
+    from .search import search_allocation  # the search imports the repair, which the rules do not need
+
+    keep, record = search_allocation(dense, calibration, sparsity, recipe, allocation.search, allocation, forward_s,
+                                     progress)  # fmt: skip
+    return keep, record.summary()
 
 
 def prune_and_repair(
@@ -77,7 +104,8 @@ def prune_and_repair(
     test loader (accuracy on the model's device), or a function ``(model, description) -> {"top1", ...}``; the
     pruned and the repaired model are then evaluated. ``profile`` is the RR profile of ``dense`` that the RR-guided
     allocations need (a sweep computes it once for all its cells); ``keep``, per-layer keep counts already
-    allocated for ``sparsity``, skips the allocation. ``activations`` is where the repair keeps activations
+    allocated for ``sparsity``, skips the allocation; allocation ``search`` repairs candidates with ``repair``'s
+    recipe on ``calibration`` first (``choose_keep``, recorded in ``result.search``). ``activations`` is where the repair keeps activations
     (``repair.repair``). ``dense`` is left untouched. Masks are checked after the repair: a pruned weight that is
     not exactly zero is an error, never a silently denser model.
     """
@@ -87,9 +115,10 @@ def prune_and_repair(
         evaluate = _loader_evaluation(evaluate, next(dense.parameters()).device)
     calibration = list(calibration)
     timings: dict[str, float] = {}
+    search = None
     if keep is None:
         with timed(timings, "allocation"):
-            keep = allocate(dense, sparsity, allocation, profile=profile)
+            keep, search = choose_keep(dense, calibration, sparsity, allocation, recipe, profile, progress=progress)
     with timed(timings, "masking"):
         masks = compute_masks(dense, keep)
         model = apply_masks(copy.deepcopy(dense), masks)
@@ -108,7 +137,7 @@ def prune_and_repair(
     if evaluate is not None:
         with timed(timings, "evaluation"):
             repaired = evaluate(model, "evaluate repaired")
-    return PruneRepairResult(model, masks, allocation_table(dense, keep), report, timings, pruned, repaired)
+    return PruneRepairResult(model, masks, allocation_table(dense, keep), report, timings, pruned, repaired, search)
 
 
 def _loader_evaluation(loader: Iterable, device: torch.device) -> Evaluate:

@@ -29,7 +29,7 @@ def run_record(
 ) -> dict[str, Any]:
     """What a prune-and-repair run measured: top-1 (and top-5 if asked: it means something with more than 5
     classes) of the dense, pruned and repaired models, the sparsity reached, the allocation table, the timings in
-    seconds and the digest of the repaired model."""
+    seconds, the digest of the repaired model, and what the ``search`` allocation did when it ran."""
     runs = {"dense": dense_accuracy, "pruned": result.pruned, "repaired": result.repaired}
     record: dict[str, Any] = {"accuracy": {k: v["top1"] for k, v in runs.items()}}
     if top5:
@@ -43,7 +43,7 @@ def run_record(
         "test_samples": result.repaired["samples"],
         "calibration_samples": calibration_samples,
         "state_sha256": replica_digest(result.model),
-    }
+    } | ({"search": result.search} if result.search is not None else {})
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

@@ -37,13 +37,13 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .allocation import Allocation, allocate, lower_hull
+from .allocation import FIXED_RULES, OBJECTIVES, Allocation, SearchOptions, allocate, lower_hull
 from .diagnostics import layer_damage, magnitude_ranks, reconstruction_residuals, stream_moments
 from .evaluation import calibration_forward_time
 from .layers import prunable_layers
@@ -51,52 +51,6 @@ from .masks import apply_masks, compute_masks
 from .operators import Operator, parse_recipe
 from .repair import repair
 from .stats import all_reduce_sum
-
-FIXED_RULES = ("global", "erk", "lamp")
-OBJECTIVES = ("kl", "mse")
-TABLE_FACTORS = (0.25, 0.4, 0.63, 1.6, 2.5, 4.0)
-
-
-@dataclass
-class SearchOptions:
-    """Options of the ``search`` allocation.
-
-    Args:
-        objective: ``kl`` (mean KL divergence of the repaired from the dense softmax) or ``mse`` (mean squared
-            logit difference), on the score images.
-        fit_images: calibration images the stand-in repair and the error table are fitted on (the first ones).
-        score_images: calibration images the objective is measured on (the last ones; disjoint from the fit
-            images when the calibration set holds both).
-        max_candidates: allocations scored, the three fixed rules included.
-        step: initial step of the pattern search along each direction of log c (search_directions).
-        min_step: the search ends when the step, halved after every round without improvement, falls below it.
-        factors: the error table's knots of a layer, besides the fixed rules' keep counts: these multiples of the
-            geometric mean of those counts (capped at the layer's size).
-    """
-
-    objective: str = "kl"
-    fit_images: int = 1024
-    score_images: int = 1024
-    max_candidates: int = 12
-    step: float = 0.5
-    min_step: float = 0.06
-    factors: tuple[float, ...] = TABLE_FACTORS
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"search.objective: {self.objective!r} is not one of {OBJECTIVES}")
-        for name in ("fit_images", "score_images", "max_candidates"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"search.{name} must be an integer >= 1, got {value!r}")
-        if self.max_candidates < len(FIXED_RULES):
-            raise ValueError(f"search.max_candidates must be >= {len(FIXED_RULES)} (the fixed rules are scored)")
-        if not 0 < self.min_step <= self.step:
-            raise ValueError(f"search: need 0 < min_step <= step, got {self.min_step!r}, {self.step!r}")
-        self.factors = tuple(sorted({float(f) for f in self.factors}))
-        if any(not f > 0 for f in self.factors):
-            raise ValueError(f"search.factors must be > 0, got {list(self.factors)}")
-
 
 @dataclass
 class Candidate:
@@ -129,10 +83,11 @@ class SearchRecord:
         return next(c for c in self.candidates if c.label == self.chosen)
 
     def summary(self) -> dict:
-        """JSON-ready: chosen and start labels, objective values of every candidate, cost."""
+        """JSON-ready: chosen and start labels, the start's keep counts, objective values of every candidate, cost."""
         return {
             "chosen": self.chosen,
             "start": self.start,
+            "start_kept": dict(next(c for c in self.candidates if c.label == self.start).keep),
             "objective": self.objective,
             "objectives": {c.label: c.objective for c in self.candidates},
             "candidates": len(self.candidates),
@@ -343,6 +298,7 @@ def search_allocation(
     options: SearchOptions | None = None,
     base: Allocation | None = None,
     forward_s: float | None = None,
+    progress: Callable[[Iterable, str], Iterable] | None = None,
 ) -> tuple[dict[str, int], SearchRecord]:
     """Keep counts per layer at ``sparsity`` chosen by the label-free search, and the record of the search.
 
@@ -354,6 +310,7 @@ def search_allocation(
         options: SearchOptions.
         base: keep_dense and overrides shared by every candidate (its method is ignored).
         forward_s: F in seconds, if already measured (else measured here, and counted).
+        progress: wraps an iterable of the candidate slots (a progress bar), advanced as each candidate is scored.
     """
     start_time = time.perf_counter()
     options = options or SearchOptions()
@@ -371,6 +328,8 @@ def search_allocation(
 
     scored: dict[tuple, Candidate] = {}
     order: list[Candidate] = []
+    slots = range(options.max_candidates)
+    ticks = iter(progress(slots, "allocation search") if progress else slots)
 
     def score_of(label: str, keep: dict[str, int]) -> Candidate:
         key = tuple(keep[name] for name in numels)
@@ -382,6 +341,7 @@ def search_allocation(
         candidate = Candidate(label, dict(keep), value)
         scored[key] = candidate
         order.append(candidate)
+        next(ticks, None)
         return candidate
 
     fixed = {}

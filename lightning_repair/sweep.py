@@ -175,10 +175,15 @@ def _compact(obj) -> str:
 
 
 def allocation_label(allocation: Allocation) -> str:
-    """The method name, followed by the options that differ from its defaults (``erk{"power":0.5}``)."""
-    options, defaults = asdict(allocation), asdict(Allocation(allocation.method))
-    changed = {k: v for k, v in options.items() if v != defaults[k]}
-    return allocation.method + (_compact(changed) if changed else "")
+    """The method name, followed by the options that differ from its defaults (``erk{"power":0.5}``,
+    ``search{"search":{"max_candidates":12}}``)."""
+
+    def changed(options: dict, defaults: dict) -> dict:
+        return {k: changed(v, defaults[k]) if isinstance(v, dict) else v
+                for k, v in options.items() if v != defaults[k]}  # fmt: skip
+
+    diff = changed(asdict(allocation), asdict(Allocation(allocation.method)))
+    return allocation.method + (_compact(diff) if diff else "")
 
 
 def repair_label(recipe: Recipe) -> str:

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import Subset
 
 import lightning_repair
-from lightning_repair.allocation import ALLOCATIONS
+from lightning_repair.allocation import methods
 from lightning_repair.cli import ANY_RUN, PRUNE_REPAIR_RUN, main
 from lightning_repair.datamodule import ImageDataModule
 from lightning_repair.masks import apply_masks, compute_masks
@@ -86,6 +86,25 @@ def test_allocation_dict_with_options_in_yaml(tmp_path, dense_checkpoint):
     assert built["overrides"][0] == {"select": "role:classifier", "sparsity": None, "max_density": 0.5}
 
 
+def test_allocation_search_from_yaml_records_its_choice_start_and_cost(tmp_path, dense_checkpoint, capfd):
+    allocation = {"method": "search", "search": {"max_candidates": 4, "fit_images": 32, "score_images": 32}}
+    config = pipeline_config(tmp_path, dense_checkpoint, allocation=allocation, repair="reconstruct_dense_bn")
+    run_fit(write_config(tmp_path / "config.yaml", config))
+    metrics = read_metrics(tmp_path)
+    search = metrics["search"]
+    assert metrics["allocation"] == "search" and metrics["config"]["allocation"]["search"]["max_candidates"] == 4
+    assert 3 <= search["candidates"] <= 4 and search["start"] in ("global", "erk", "lamp")
+    assert search["chosen"] in search["objectives"] and search["cost_f"] > 0
+    assert search["objectives"][search["chosen"]] == min(search["objectives"].values())
+    numel = {row["name"]: row["numel"] for row in metrics["layers"]}
+    start = {row["name"]: row["search_start_density"] for row in metrics["layers"]}
+    assert start == {name: kept / numel[name] for name, kept in search["start_kept"].items()}
+    assert sum(search["start_kept"].values()) == sum(row["kept"] for row in metrics["layers"])
+    assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)
+    out = capfd.readouterr().out
+    assert "start" in out.splitlines()[0] and f"chose {search['chosen']}" in out
+
+
 def test_repair_list_in_yaml_acts_on_the_pruned_model(tmp_path, dense_checkpoint):
     """BN recalibration then classifier refit, spelled out: the repaired model is the pruned one with every BN's
     running statistics those of the pruned network on the calibration images (computed here with torch's
@@ -124,7 +143,7 @@ def test_fit_help_shows_the_prune_repair_options_and_what_each_preset_expands_to
     out = capsys.readouterr().out
     for option in ("--data.calibration_size", "--model.sparsity", "--model.allocation", "--model.repair"):
         assert option in out
-    assert all(method in out for method in ALLOCATIONS)
+    assert all(method in out for method in methods())
     section = out.split("repair presets")[1].split("\n\n")[0].splitlines()[1:]
     assert len(section) == len(PRESETS)
     for name, ops in PRESETS.items():  # one line per preset, naming its operators in order
@@ -236,6 +255,8 @@ def assert_one_error_line(err: str, *parts: str) -> None:
         (["--model.allocation", "bogus"], ["allocation.method", "'bogus'"]),
         (["--model.allocation", "{method: erk, keep_dense: [role:bogus]}"], ["unknown role 'bogus'"]),
         (["--model.allocation", "{method: erk, overrides: [{select: fc}]}"], ["override 'fc'", "max_density"]),
+        (["--model.allocation", "{method: search, search: {max_candidates: 2}}"], ["search.max_candidates", ">= 3"]),
+        (["--model.allocation", "{method: search, search: {objective: l1}}"], ["search.objective", "'l1'"]),
         (["--model.repair", "bogus"], ["repair", "unknown preset 'bogus'"]),
         (["--model.repair", "[{op: bogus}]"], ["repair[0]", "unknown operator 'bogus'"]),
         (["--model.network.arch", "resnet9"], ["network.arch", "'resnet9'"]),
