@@ -316,8 +316,8 @@ def results_table(rows: list[dict]) -> str:
     """The allocation table, with the density the ``search`` allocation started from, and D_raw, D_res and RR at
     each layer's allocated sparsity, when the run has them (``-``: undefined, the layer has no damage)."""
     lines = format_table(rows).splitlines()
-    columns = [(key, title) for key, title in (("search_start_density", "start"), ("d_raw", "D_raw"),
-                                               ("d_res", "D_res"), ("rr", "RR")) if any(key in r for r in rows)]  # fmt: skip
+    titles = {"search_start_density": "start", "d_raw": "D_raw", "d_res": "D_res", "rr": "RR"}
+    columns = [(key, title) for key, title in titles.items() if any(key in r for r in rows)]
     if not columns:
         return "\n".join(lines)
     cell = lambda v: f"{'-':>8}" if v is None else f"{v:>8.4f}"  # noqa: E731

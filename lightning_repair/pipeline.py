@@ -99,15 +99,15 @@ def prune_and_repair(
 ) -> PruneRepairResult:
     """Prune a copy of ``dense`` to ``sparsity`` and repair it from unlabeled ``calibration`` batches (image tensors).
 
-    ``allocation`` is a method name (``allocation.ALLOCATIONS``), a dict of its options or an ``Allocation``;
+    ``allocation`` is a method name (``allocation.methods()``), a dict of its options or an ``Allocation``;
     ``repair`` a preset name (``operators.PRESETS``) or a list of operators. ``evaluate`` is optional: a labeled
     test loader (accuracy on the model's device), or a function ``(model, description) -> {"top1", ...}``; the
     pruned and the repaired model are then evaluated. ``profile`` is the RR profile of ``dense`` that the RR-guided
     allocations need (a sweep computes it once for all its cells); ``keep``, per-layer keep counts already
     allocated for ``sparsity``, skips the allocation; allocation ``search`` repairs candidates with ``repair``'s
-    recipe on ``calibration`` first (``choose_keep``, recorded in ``result.search``). ``activations`` is where the repair keeps activations
-    (``repair.repair``). ``dense`` is left untouched. Masks are checked after the repair: a pruned weight that is
-    not exactly zero is an error, never a silently denser model.
+    recipe on ``calibration`` first (``choose_keep``, recorded in ``result.search``). ``activations`` is where the
+    repair keeps activations (``repair.repair``). ``dense`` is left untouched. Masks are checked after the repair: a
+    pruned weight that is not exactly zero is an error, never a silently denser model.
     """
     recipe = parse_recipe(repair)
     check_operators_fit(dense, recipe)

@@ -52,6 +52,7 @@ from .operators import Operator, parse_recipe
 from .repair import repair
 from .stats import all_reduce_sum
 
+
 @dataclass
 class Candidate:
     label: str  # global, erk, lamp, table:<step>

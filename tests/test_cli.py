@@ -9,10 +9,12 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+import yaml
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import Subset
 
@@ -103,6 +105,18 @@ def test_allocation_search_from_yaml_records_its_choice_start_and_cost(tmp_path,
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)
     out = capfd.readouterr().out
     assert "start" in out.splitlines()[0] and f"chose {search['chosen']}" in out
+
+
+FRAGMENTS = sorted((Path(__file__).parents[1] / "configs" / "allocation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
+def test_allocation_fragments_layer_over_a_run_config(config_path, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config_path), "--config", str(fragment), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["allocation"]
+    assert printed["method"] == yaml.safe_load(fragment.read_text())["model"]["init_args"]["allocation"]["method"]
 
 
 def test_repair_list_in_yaml_acts_on_the_pruned_model(tmp_path, dense_checkpoint):
