@@ -34,7 +34,7 @@ def run_record(
     record: dict[str, Any] = {"accuracy": {k: v["top1"] for k, v in runs.items()}}
     if top5:
         record["accuracy_top5"] = {k: v["top5"] for k, v in runs.items()}
-    return record | {
+    record |= {
         "sparsity": {"target": sparsity, "achieved": result.achieved_sparsity},
         "allocation": allocation,
         "repair": describe(recipe),
@@ -43,7 +43,10 @@ def run_record(
         "test_samples": result.repaired["samples"],
         "calibration_samples": calibration_samples,
         "state_sha256": replica_digest(result.model),
-    } | ({"search": result.search} if result.search is not None else {})
+    }
+    if result.search is not None:
+        record["search"] = result.search
+    return record
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
