@@ -1,7 +1,7 @@
 """The ``search`` allocation per cell: its choice, its cost in F, and the test top-1 of the full repair of its choice.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_sweep.py --network resnet18 \
-        [--sparsities 0.9 ... 0.98] [--repair reconstruct_dense_bn] [--max-candidates 30] \
+        [--sparsities 0.9 ... 0.98] [--repair reconstruct_dense_bn] [--max-candidates 30] [--held-out 1024] \
         [--output benchmarks/results/search_sweep.csv]
     .venv/bin/python benchmarks/search_sweep.py --report [--fixed-sweeps RESULTS.csv ...]   # against the fixed rules
 
@@ -32,6 +32,8 @@ parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.92, 0
 parser.add_argument("--repair", default="reconstruct_dense_bn")
 parser.add_argument("--max-candidates", type=int, default=30)
 parser.add_argument("--objective", default="kl")
+parser.add_argument("--held-out", type=int, default=0,
+                    help="score on this many training images outside the calibration set (search.held_out_images)")
 parser.add_argument("--fit-images", type=int, default=256)
 parser.add_argument("--score-images", type=int, default=256)
 parser.add_argument("--label", default="search", help="the allocation's name in the CSV (for option variants)")
@@ -90,6 +92,7 @@ from lightning_repair.layers import prunable_layers  # noqa: E402
 from lightning_repair.search import SearchOptions, search_allocation, stand_in  # noqa: E402
 
 dense, dm, calibration, test = load(args.network)
+held_out = dm.held_out_batches(args.held_out) if args.held_out else None
 numels = {layer.name: layer.numel for layer in prunable_layers(dense)}
 rows = read_rows(args.output)
 done = {(r["network"], float(r["sparsity"]), r["repair"], r["allocation"]) for r in rows}
@@ -97,9 +100,10 @@ for sparsity in args.sparsities:
     if (args.network, sparsity, args.repair, args.label) in done:
         continue
     forward_s = calibration_forward_time(dense, calibration)
-    options = SearchOptions(objective=args.objective, max_candidates=args.max_candidates, fit_images=args.fit_images,
-                            score_images=args.score_images)  # fmt: skip
-    keep, record = search_allocation(dense, calibration, sparsity, args.repair, options, forward_s=forward_s)
+    options = SearchOptions(objective=args.objective, held_out_images=args.held_out, max_candidates=args.max_candidates,
+                            fit_images=args.fit_images, score_images=args.score_images)  # fmt: skip
+    keep, record = search_allocation(dense, calibration, sparsity, args.repair, options, forward_s=forward_s,
+                                     held_out=held_out)  # fmt: skip
     start = time.perf_counter()
     top1 = test(stand_in(dense, keep, calibration, args.repair))
     first = record.candidates[[c.label for c in record.candidates].index(record.start)].keep

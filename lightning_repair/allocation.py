@@ -93,9 +93,14 @@ class SearchOptions:
     Args:
         objective: ``kl`` (mean KL divergence of the repaired from the dense softmax) or ``mse`` (mean squared
             logit difference), on the score images.
-        fit_images: calibration images the stand-in repair and the error table are fitted on (the first ones).
-        score_images: calibration images the objective is measured on (the last ones; disjoint from the fit
-            images when the calibration set holds both).
+        held_out_images: unlabeled training images outside the calibration set that the objective is measured
+            on (the data module draws them: ``ImageDataModule.held_out_set``); 0: measure it on the last
+            ``score_images`` calibration images instead. Held out is the default: scored on the images it was
+            fitted on, the repair favours allocations that fit those images better than it generalises
+            (benchmarks/results/search.md).
+        fit_images: calibration images the candidates' repair and the error table are fitted on (the first ones).
+        score_images: with ``held_out_images: 0``, the calibration images the objective is measured on (the last
+            ones; disjoint from the fit images when the calibration set holds both).
         max_candidates: allocations scored, the three fixed rules included.
         step: initial step of the pattern search along each direction of log c (search_directions).
         min_step: the search ends when the step, halved after every round without improvement, falls below it.
@@ -104,6 +109,7 @@ class SearchOptions:
     """
 
     objective: str = "kl"
+    held_out_images: int = 1024
     fit_images: int = 1024
     score_images: int = 1024
     max_candidates: int = 7
@@ -118,6 +124,9 @@ class SearchOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"search.{name} must be an integer >= 1, got {value!r}")
+        held_out = self.held_out_images
+        if isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 0:
+            raise ValueError(f"search.held_out_images must be an integer >= 0, got {held_out!r}")
         if self.max_candidates < len(FIXED_RULES):
             raise ValueError(f"search.max_candidates must be >= {len(FIXED_RULES)} (the fixed rules are scored)")
         for name in ("step", "min_step"):
@@ -175,6 +184,11 @@ class Allocation:
             raise TypeError(f"allocation.overrides must be a list of rules, got {self.overrides!r}")
         self.overrides = [_override(i, o) for i, o in enumerate(self.overrides)]
         self.rules = [Override(s, sparsity=0.0) for s in self.keep_dense] + self.overrides
+
+    @property
+    def held_out_images(self) -> int:
+        """How many images outside the calibration set the method needs (``search`` scores candidates on them)."""
+        return self.search.held_out_images if self.method == "search" else 0
 
 
 def as_allocation(value: str | Mapping | Allocation | None) -> Allocation:

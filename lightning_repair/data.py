@@ -100,15 +100,19 @@ class SyntheticImages(Dataset):
 
 
 class CalibrationImages(Dataset):
-    """A seeded random subset of a labeled dataset that yields images only."""
+    """A seeded random subset of a labeled dataset that yields images only: positions ``skip`` to ``skip + size``
+    of the seed's permutation, so subsets of one seed with disjoint position ranges hold disjoint images (the
+    ``search`` allocation's held-out images follow the calibration images)."""
 
-    def __init__(self, dataset: Dataset, size: int, seed: int):
+    def __init__(self, dataset: Dataset, size: int, seed: int, skip: int = 0):
         if size < 1:
             raise ValueError(f"calibration_size must be >= 1, got {size}")
-        if size > len(dataset):
-            raise ValueError(f"calibration_size={size} exceeds the training split ({len(dataset)} images)")
+        if skip + size > len(dataset):
+            what = f"calibration_size={size}" if not skip else f"{size} held-out images after {skip} calibration images"
+            raise ValueError(f"{what} exceed the training split ({len(dataset)} images)")
         self._dataset = dataset
-        self.indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].tolist()
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        self.indices = order[skip : skip + size].tolist()
 
     def __len__(self) -> int:
         return len(self.indices)

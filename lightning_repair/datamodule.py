@@ -86,6 +86,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_set = self.test_set = self.info = None
         self._calibration_set: CalibrationImages | None = None
+        self._plain_train_set = None
 
     @property
     def _image(self) -> dict:
@@ -108,18 +109,28 @@ class ImageDataModule(pl.LightningDataModule):
         """The unlabeled calibration subset, built on first use: dense training never needs it, so a
         training split smaller than ``calibration_size`` is an error for a repair run only."""
         if self._calibration_set is None:
-            self.setup()
             hp = self.hparams
-            plain_train = (
-                build_datasets(
-                    hp.dataset, hp.data_dir, False, augment=False, synthetic_shape=hp.synthetic_shape, rgb=hp.rgb,
-                    image=self._image,
-                )[0]
-                if hp.augment
-                else self.train_set
-            )
-            self._calibration_set = CalibrationImages(plain_train, hp.calibration_size, hp.calibration_seed)
+            self._calibration_set = CalibrationImages(self._plain_train(), hp.calibration_size, hp.calibration_seed)
         return self._calibration_set
+
+    def held_out_set(self, size: int) -> CalibrationImages:
+        """``size`` unlabeled training images outside the calibration subset: the next ``size`` of its seed's
+        permutation (the ``search`` allocation scores its candidates on them)."""
+        hp = self.hparams
+        return CalibrationImages(self._plain_train(), size, hp.calibration_seed, skip=hp.calibration_size)
+
+    def _plain_train(self):
+        """The training split without augmentation, as the repair sees it."""
+        self.setup()
+        hp = self.hparams
+        if not hp.augment:
+            return self.train_set
+        if self._plain_train_set is None:
+            self._plain_train_set = build_datasets(
+                hp.dataset, hp.data_dir, False, augment=False, synthetic_shape=hp.synthetic_shape, rgb=hp.rgb,
+                image=self._image,
+            )[0]  # fmt: skip
+        return self._plain_train_set
 
     def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
@@ -154,6 +165,12 @@ class ImageDataModule(pl.LightningDataModule):
             )
         loader = self.calibration_dataloader(rank, world_size)
         return [b.to(device) for b in (progress(loader, "calibration data") if progress else loader)]
+
+    def held_out_batches(self, size: int, device: torch.device | str = "cpu", rank: int = 0,
+                         world_size: int = 1) -> list[torch.Tensor]:  # fmt: skip
+        """This process's shard of ``held_out_set(size)``, batched as the calibration images, on ``device``."""
+        images = self.held_out_set(size)
+        return [b.to(device) for b in self._loader(Subset(images, shard_indices(len(images), rank, world_size)))]
 
     def evaluation_dataloader(self, rank: int = 0, world_size: int = 1, samples: int | None = None) -> DataLoader:
         """Labeled test images (the first ``samples`` only, if given); every sample is in exactly one process's shard
@@ -206,6 +223,13 @@ class UserDataModule:
         if not batches:
             raise ValueError(f"data: {self.name}.calibration_dataloader() gave no batch")
         return batches
+
+    def held_out_batches(self, size: int, device: torch.device | str = "cpu", rank: int = 0,
+                         world_size: int = 1) -> list[torch.Tensor]:  # fmt: skip
+        raise ValueError(
+            f"data: {self.name} has no images outside its calibration set for allocation search to score its "
+            "candidates on: set model.allocation.search.held_out_images: 0 to score them on the calibration images"
+        )
 
     def evaluation_dataloader(self, rank: int = 0, world_size: int = 1) -> Iterable:
         self._one_process(world_size)

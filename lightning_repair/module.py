@@ -156,6 +156,9 @@ class PruneRepairModule(pl.LightningModule):
         dm.setup("fit")
         dense = load_dense(hp.network, hp.checkpoint, self.device, dm.hparams.dataset, dm.info)
         calibration = dm.calibration_batches(self.device, rank, world, bar)
+        # images outside the calibration set, when the allocation scores on them (search)
+        held_out = dm.held_out_batches(self.allocation.held_out_images, self.device, rank, world) \
+            if self.allocation.held_out_images else None  # fmt: skip
         timings = {"calibration_forward": calibration_forward_time(dense, calibration)}
 
         precision = evaluation_precision(trainer.precision, self.device)  # evaluation only, never the repair
@@ -173,7 +176,7 @@ class PruneRepairModule(pl.LightningModule):
                     "dense_accuracy", dense_accuracy_key(self._digests, dm, precision),
                     lambda: test(dense, "evaluate dense"), "the dense accuracy",
                 )  # fmt: skip
-        keep, search, self.profile, at_allocation = self._allocate(dense, calibration, timings, bar)
+        keep, search, self.profile, at_allocation = self._allocate(dense, calibration, held_out, timings, bar)
         result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
                                   activations=hp.activations)  # fmt: skip
         result.search = search
@@ -202,7 +205,8 @@ class PruneRepairModule(pl.LightningModule):
         trainer.enable_autolog_hparams = False  # _write logged the hparams with the accuracies (no hp_metric=-1)
 
     def _allocate(
-        self, dense: nn.Module, calibration: list[torch.Tensor], timings: dict[str, float], bar
+        self, dense: nn.Module, calibration: list[torch.Tensor], held_out: list[torch.Tensor] | None,
+        timings: dict[str, float], bar,
     ) -> tuple[dict[str, int], dict | None, RRProfile | None, dict[str, dict]]:
         """The keep counts, the search's record (allocation ``search``), the RR profile (when rr_grid asks for one)
         and per layer name D_raw, D_res and RR at the allocated keep count (and the density the search started
@@ -212,7 +216,7 @@ class PruneRepairModule(pl.LightningModule):
         profile = None
         self.profile_cached = False
         choose = lambda profile: choose_keep(dense, calibration, sparsity, self.allocation, self.recipe,  # noqa: E731
-                                             profile, timings["calibration_forward"], bar)  # fmt: skip
+                                             profile, timings["calibration_forward"], bar, held_out)  # fmt: skip
         if not self.rr_grid:
             with timed(timings, "allocation"):
                 keep, search = choose(None)

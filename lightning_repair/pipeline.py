@@ -68,20 +68,22 @@ def choose_keep(
     profile: RRProfile | None = None,
     forward_s: float | None = None,
     progress: Callable[[Iterable, str], Iterable] | None = None,
+    held_out: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, int], dict | None]:
     """Keep counts per layer, and the record of the search when ``allocation`` is ``search`` (None otherwise).
 
     ``search`` scores candidate allocations by repairing them with ``recipe`` on ``calibration`` (search.py), so
     it needs what ``allocate`` does not have; every other method is ``allocate``. ``forward_s``: the time of one
     dense pass over ``calibration`` if already measured (the search reports its cost in it); ``progress``
-    wraps the search's candidates (a progress bar)."""
+    wraps the search's candidates (a progress bar); ``held_out``: batches of the ``allocation.held_out_images``
+    unlabeled images outside ``calibration`` that the search scores candidates on."""
     allocation = as_allocation(allocation)
     if allocation.method not in DATA_METHODS:
         return allocate(dense, sparsity, allocation, profile=profile), None
     from .search import search_allocation  # the search imports the repair, which the rules do not need
 
     keep, record = search_allocation(dense, calibration, sparsity, recipe, allocation.search, allocation, forward_s,
-                                     progress)  # fmt: skip
+                                     progress, held_out)  # fmt: skip
     return keep, record.summary()
 
 
@@ -96,6 +98,7 @@ def prune_and_repair(
     profile: RRProfile | None = None,
     keep: Mapping[str, int] | None = None,
     activations: Activations = "device",
+    held_out: Iterable[torch.Tensor] | None = None,
 ) -> PruneRepairResult:
     """Prune a copy of ``dense`` to ``sparsity`` and repair it from unlabeled ``calibration`` batches (image tensors).
 
@@ -105,7 +108,8 @@ def prune_and_repair(
     pruned and the repaired model are then evaluated. ``profile`` is the RR profile of ``dense`` that the RR-guided
     allocations need (a sweep computes it once for all its cells); ``keep``, per-layer keep counts already
     allocated for ``sparsity``, skips the allocation; allocation ``search`` repairs candidates with ``repair``'s
-    recipe on ``calibration`` first (``choose_keep``, recorded in ``result.search``). ``activations`` is where the
+    recipe on ``calibration`` first and scores them on ``held_out`` images (``choose_keep``, recorded in
+    ``result.search``). ``activations`` is where the
     repair keeps activations (``repair.repair``). ``dense`` is left untouched. Masks are checked after the repair: a
     pruned weight that is not exactly zero is an error, never a silently denser model.
     """
@@ -118,7 +122,8 @@ def prune_and_repair(
     search = None
     if keep is None:
         with timed(timings, "allocation"):
-            keep, search = choose_keep(dense, calibration, sparsity, allocation, recipe, profile, progress=progress)
+            keep, search = choose_keep(dense, calibration, sparsity, allocation, recipe, profile, None, progress,
+                                       None if held_out is None else list(held_out))  # fmt: skip
     with timed(timings, "masking"):
         masks = compute_masks(dense, keep)
         model = apply_masks(copy.deepcopy(dense), masks)

@@ -405,7 +405,10 @@ def run_sweep(
         )
         for seed, by_seed in itertools.groupby(by_checkpoint, key=lambda c: c.seed):
             seed_cells = list(by_seed)
-            calibration = with_calibration_seed(dm, seed).calibration_batches(device, rank, world)
+            seeded = with_calibration_seed(dm, seed)
+            calibration = seeded.calibration_batches(device, rank, world)
+            held_out = {n: seeded.held_out_batches(n, device, rank, world)  # what the cells' allocations score on
+                        for n in {c.allocation_spec.held_out_images for c in seed_cells} if n}  # fmt: skip
             calibration_samples = count_over_processes(sum(map(len, calibration)), device)
             shared = {"calibration_forward": calibration_forward_time(dense, calibration), "rr_profile": 0.0}
             profile = None
@@ -419,7 +422,8 @@ def run_sweep(
                 bar.set_postfix_str(f"{cell.allocation} {cell.sparsity} {cell.repair} seed {seed}")
                 start = time.perf_counter()
                 result = prune_and_repair(dense, calibration, cell.sparsity, cell.allocation_spec, cell.recipe, test,
-                                          profile=profile, activations=activations)  # fmt: skip
+                                          profile=profile, activations=activations,
+                                          held_out=held_out.get(cell.allocation_spec.held_out_images))  # fmt: skip
                 record = run_record(result, acc_dense, cell.sparsity, cell.allocation, cell.recipe,
                                     result.timings | shared, calibration_samples)  # fmt: skip
                 if show:

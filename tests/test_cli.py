@@ -89,7 +89,7 @@ def test_allocation_dict_with_options_in_yaml(tmp_path, dense_checkpoint):
 
 
 def test_allocation_search_from_yaml_records_its_choice_start_and_cost(tmp_path, dense_checkpoint, capfd):
-    allocation = {"method": "search", "search": {"max_candidates": 4, "fit_images": 32, "score_images": 32}}
+    allocation = {"method": "search", "search": {"max_candidates": 4, "held_out_images": 48}}
     config = pipeline_config(tmp_path, dense_checkpoint, allocation=allocation, repair="reconstruct_dense_bn")
     run_fit(write_config(tmp_path / "config.yaml", config))
     metrics = read_metrics(tmp_path)

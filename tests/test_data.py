@@ -74,6 +74,25 @@ def test_calibration_images_are_tensors_only_and_a_seeded_subset():
     assert sorted(CalibrationImages(base, size=50, seed=0).indices) == list(range(50))
 
 
+def test_held_out_images_follow_the_calibration_images_in_the_seeds_order():
+    base = _Labeled(50)
+    calib, held = CalibrationImages(base, size=12, seed=3), CalibrationImages(base, size=20, seed=3, skip=12)
+    assert not set(calib.indices) & set(held.indices)
+    assert calib.indices + held.indices == CalibrationImages(base, size=32, seed=3).indices
+    with pytest.raises(ValueError, match="39 held-out images after 12 calibration images exceed the training split"):
+        CalibrationImages(base, size=39, seed=3, skip=12)
+
+
+def test_datamodule_held_out_batches_are_sharded_and_outside_the_calibration_set():
+    dm = ImageDataModule(dataset="synthetic", calibration_size=40, batch_size=16, augment=False)
+    calibration = torch.cat(dm.calibration_batches())
+    held = torch.cat(dm.held_out_batches(30))
+    assert held.shape[0] == 30
+    assert not (held[:, None] == calibration[None]).flatten(2).all(2).any()  # no calibration image among them
+    shards = [torch.cat(dm.held_out_batches(30, rank=r, world_size=3)) for r in range(3)]
+    assert torch.equal(torch.cat(shards), held)
+
+
 @pytest.mark.parametrize("size", [0, -1, 51])
 def test_calibration_size_errors(size):
     with pytest.raises(ValueError, match="calibration_size"):

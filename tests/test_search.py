@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.layers import prunable_layers
+from lightning_repair.operators import parse_recipe
 from lightning_repair.search import (
     FIXED_RULES,
     ErrorTable,
@@ -24,6 +25,7 @@ from lightning_repair.search import (
     output_distance,
     search_allocation,
     split_batches,
+    stand_in,
 )
 
 from helpers import calibrated_dense
@@ -121,7 +123,7 @@ def data():
     return [torch.randn(16, 3, 16, 16, generator=g) for _ in range(4)]
 
 
-OPTIONS = SearchOptions(fit_images=32, score_images=32, max_candidates=6)
+OPTIONS = SearchOptions(held_out_images=0, fit_images=32, score_images=32, max_candidates=6)
 
 
 @pytest.mark.parametrize("recipe", ["reconstruct_dense_bn", "default"])
@@ -181,6 +183,20 @@ def test_search_moves_when_a_candidate_beats_the_fixed_rules(data):
     assert all(c.label.startswith("table:") for c in record.candidates[3:])
 
 
+def test_held_out_images_score_a_repair_fitted_on_every_calibration_image(data):
+    dense = calibrated_dense()
+    g = torch.Generator().manual_seed(2)
+    held_out = [torch.randn(16, 3, 16, 16, generator=g) for _ in range(2)]
+    options = SearchOptions(held_out_images=32, max_candidates=3)
+    keep, record = search_allocation(dense, data, 0.9, "default", options, held_out=held_out)
+    dense_logits = [dense.eval()(b).detach() for b in held_out]
+    for candidate in record.candidates:
+        repaired = stand_in(dense, candidate.keep, data, parse_recipe("default"))
+        assert candidate.objective == pytest.approx(output_distance(repaired, held_out, dense_logits), rel=1e-9)
+    with pytest.raises(ValueError, match="held_out_images=32: pass held_out="):
+        search_allocation(dense, data, 0.9, "default", options)
+
+
 def test_output_distance():
     model = nn.Linear(4, 3)
     x = [torch.randn(5, 4), torch.randn(3, 4)]
@@ -211,6 +227,8 @@ def test_options_are_checked():
         SearchOptions(max_candidates=2)
     with pytest.raises(ValueError, match="min_step"):
         SearchOptions(step=0.1, min_step=0.2)
+    with pytest.raises(ValueError, match="held_out_images"):
+        SearchOptions(held_out_images=-1)
 
 
 def _ddp_search(rank: int, folder: str) -> None:

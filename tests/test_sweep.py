@@ -108,12 +108,12 @@ def test_sweep_cell_equals_a_fit_run(grid_sweep, tmp_path):
 
 
 def test_search_cell_equals_a_fit_run_and_is_labelled_by_its_changed_options(tmp_path):
-    search = {"method": "search", "search": {"max_candidates": 4, "fit_images": 32, "score_images": 32}}
+    search = {"method": "search", "search": {"max_candidates": 4, "held_out_images": 48}}
     checkpoint = save_dense_checkpoint(tmp_path / "dense.pt")
     grid = {"allocations": [search], "sparsities": [0.9], "repairs": ["default"]}
     sweep.main(["--config", str(sweep_config(tmp_path, checkpoint, grid))])
     (row,) = results(tmp_path)
-    assert row["allocation"] == 'search{"search":{"fit_images":32,"max_candidates":4,"score_images":32}}'
+    assert row["allocation"] == 'search{"search":{"held_out_images":48,"max_candidates":4}}'
     assert row["time_allocation"] > 0
     run_fit(write_config(tmp_path / "fit.yaml", pipeline_config(tmp_path, checkpoint, sparsity=0.9,
                                                                  allocation=search, repair="default")))  # fmt: skip

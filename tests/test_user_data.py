@@ -47,6 +47,21 @@ def test_the_contract_is_checked_in_one_line(tmp_path, dense_checkpoint, capsys,
     assert all(word in lines[0] for word in words), lines[0]
 
 
+def test_search_on_a_datamodule_without_held_out_images_says_what_to_set(tmp_path, dense_checkpoint, capsys):
+    config = user_data_config(tmp_path, dense_checkpoint, "user_data.TensorData")
+    config["model"]["init_args"]["allocation"] = {"method": "search"}
+    with pytest.raises(SystemExit) as info:
+        run_fit(write_config(tmp_path / "config.yaml", config))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 1 and "TensorData has no images outside its calibration set" in err
+    assert "allocation.search.held_out_images: 0" in err
+    config["model"]["init_args"]["allocation"] = {"method": "search", "search": {"held_out_images": 0,
+                                                                                 "max_candidates": 3}}  # fmt: skip
+    with pytest.warns(UserWarning, match="RR profile from only 64"):
+        run_fit(write_config(tmp_path / "config.yaml", config))
+    assert read_metrics(tmp_path)["search"]["candidates"] == 3
+
+
 def test_imagefolder_image_options(tmp_path):
     for split in ("train", "val"):
         for label in ("a", "b"):
