@@ -231,15 +231,23 @@ def test_options_are_checked():
         SearchOptions(held_out_images=-1)
 
 
+DDP_OPTIONS = SearchOptions(held_out_images=32, max_candidates=6)
+
+
+def ddp_images() -> torch.Tensor:
+    return torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
 def _ddp_search(rank: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         dense = calibrated_dense()
-        g = torch.Generator().manual_seed(1)
-        images = torch.randn(64, 3, 16, 16, generator=g)
-        shard = images[:32] if rank == 0 else images[32:]
-        keep, record = search_allocation(dense, list(shard.split(16)), 0.95, "reconstruct_dense_bn", OPTIONS)
+        images = ddp_images()
+        shard = images[:32] if rank == 0 else images[32:64]
+        held_out = images[64:80] if rank == 0 else images[80:]  # the objective's sums are reduced too
+        keep, record = search_allocation(dense, list(shard.split(16)), 0.95, "reconstruct_dense_bn", DDP_OPTIONS,
+                                         held_out=[held_out])  # fmt: skip
         torch.save({"keep": keep, "objectives": [c.objective for c in record.candidates]}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -251,3 +259,9 @@ def test_ddp_ranks_choose_the_same(tmp_path):
     assert a["keep"] == b["keep"]
     assert a["objectives"] == b["objectives"]
     assert len(a["objectives"]) >= len(FIXED_RULES) and all(math.isfinite(v) for v in a["objectives"])
+    # and the same as one process with every image: the statistics and the objective are sums over images
+    images = ddp_images()
+    keep, record = search_allocation(calibrated_dense(), list(images[:64].split(16)), 0.95, "reconstruct_dense_bn",
+                                     DDP_OPTIONS, held_out=[images[64:]])  # fmt: skip
+    assert keep == a["keep"]
+    assert [c.objective for c in record.candidates] == pytest.approx(a["objectives"], rel=1e-4)
