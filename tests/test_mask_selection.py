@@ -297,6 +297,13 @@ def test_forward_ols_equals_straightforward_greedy(kept):
     assert int(row_scope.sum()) == kept
 
 
+@pytest.mark.parametrize("kept", [-1, 41])
+def test_forward_ols_refuses_a_count_the_layer_cannot_hold(kept):
+    _, _, gram, cross = design(5, 10, 4)  # 4 rows of 10 inputs: 0 to 40 weights
+    with pytest.raises(ValueError, match=f"cannot keep {kept} of 40 weights"):
+        forward_ols(gram, cross, kept)
+
+
 def test_forward_ols_extends_trajectories_a_row_needs(monkeypatch):
     """One row's targets dwarf the others': it takes more weights than a first, short trajectory holds, and the
     trajectories are extended until the layer's choice is the full greedy's (here in chunks of two rows)."""
