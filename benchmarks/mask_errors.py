@@ -11,7 +11,9 @@ layers of at most ``--exact-max-k`` inputs per row (O(K^3) per row).
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,9 @@ from lightning_repair.masks import compute_masks
 from lightning_repair.models import Network, load_dense
 from lightning_repair.reconstruction import layer_statistics
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_mask_selection import error, resolved  # noqa: E402  (one re-solve for the tests and the benchmarks)
+
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--sparsity", type=float, default=0.97)
 parser.add_argument("--allocation", default="lamp")
@@ -32,16 +37,8 @@ args = parser.parse_args()
 
 
 def resolved_error(w0: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> float:
-    """Sum over rows of the least error on the row's mask: w0 H w0 - b_S^T H_SS^-1 b_S, b = H w0."""
-    total = 0.0
-    for g in range(len(w0)):
-        b = w0[g] @ gram[g]
-        for r in range(w0.shape[1]):
-            s = keep[g, r]
-            total += float(b[r] @ w0[g, r])
-            if s.any():
-                total -= float(b[r, s] @ torch.linalg.solve(gram[g][s][:, s], b[r, s]))
-    return total
+    """Sum over rows of (w - w0) H (w - w0)^T for the best weights w on the rule's mask (the tests' re-solve)."""
+    return float(error(w0, gram, resolved(w0, gram, keep)))
 
 
 def select(rule: str, w0: torch.Tensor, gram: torch.Tensor, kept: int) -> torch.Tensor:

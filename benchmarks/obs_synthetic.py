@@ -16,19 +16,11 @@ import torch
 from lightning_repair.mask_selection import exact_obs, forward_ols, sparsegpt, top_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_mask_selection import problem  # noqa: E402  (the test's own layers, so the two cannot drift apart)
+from test_mask_selection import error, problem, resolved  # noqa: E402  (the test's own layers and re-solve, so the two cannot drift apart)
 
 
-def resolved_error(w0, gram, keep):
-    total = 0.0
-    for g in range(len(w0)):
-        for r in range(w0.shape[1]):
-            s, h = keep[g, r], gram[g]
-            w = torch.zeros_like(w0[g, r])
-            w[s] = w0[g, r, s] + torch.linalg.solve(h[s][:, s], h[s][:, ~s] @ w0[g, r, ~s])
-            d = w - w0[g, r]
-            total += float(d @ h @ d)
-    return total
+def resolved_error(w0: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> float:
+    return float(error(w0, gram, resolved(w0, gram, keep)))
 
 
 print(f"{'layer (groups, rows, K)':<24} {'sparsity':>8} {'sparsegpt':>9} {'exact_obs':>9} {'forward_ols':>11}")
