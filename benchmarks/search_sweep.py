@@ -42,6 +42,8 @@ parser.add_argument("--fixed", type=Path, default=Path("benchmarks/results/searc
 parser.add_argument("--report", action="store_true")
 parser.add_argument("--fixed-sweeps", nargs="*", type=Path, default=[],
                     help="with --report: sweeps' results.csv files that also hold fixed rules' cells (by checkpoint)")
+parser.add_argument("--figure", type=Path, default=None,
+                    help="with --report: also draw top-1 vs sparsity, search against the fixed rules, to this PNG")
 args = parser.parse_args()
 
 
@@ -82,9 +84,35 @@ def sweep_rows(path: Path) -> list[dict]:
     return rows
 
 
+def figure(rows: list[dict], fixed_rows: list[dict], path: Path) -> None:
+    """A panel per (network, repair) of the search's cells: top-1 vs sparsity of global, ERK, LAMP and the search."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = list(dict.fromkeys((r["network"], r["repair"]) for r in rows))
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=150, layout="constrained")
+    for ax, (network, repair) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        mine = sorted((float(r["sparsity"]), 100 * float(r["top1"])) for r in rows
+                      if (r["network"], r["repair"]) == (network, repair))  # fmt: skip
+        sparsities = {s for s, _ in mine}
+        for rule, style in (("global", ":"), ("erk", "--"), ("lamp", "-.")):
+            points = sorted((float(r["sparsity"]), 100 * float(r["top1"])) for r in fixed_rows
+                            if (r["network"], r["repair"], r["allocation"]) == (network, repair, rule)
+                            and float(r["sparsity"]) in sparsities)  # fmt: skip
+            if points:
+                ax.plot(*zip(*points, strict=True), style, marker=".", label=rule)
+        ax.plot(*zip(*mine, strict=True), "-", marker="o", color="black", label="search")
+        ax.set(title=f"{network}, {repair}", xlabel="sparsity", ylabel="test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
 if args.report:
     fixed = read_rows(args.fixed) + [row for path in args.fixed_sweeps for row in sweep_rows(path)]
     print(report(read_rows(args.output), fixed))
+    if args.figure:
+        figure(read_rows(args.output), fixed, args.figure)
     sys.exit()
 
 from lightning_repair.evaluation import calibration_forward_time  # noqa: E402
