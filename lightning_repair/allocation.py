@@ -102,6 +102,9 @@ class SearchOptions:
         score_images: with ``held_out_images: 0``, the calibration images the objective is measured on (the last
             ones; disjoint from the fit images when the calibration set holds both).
         max_candidates: allocations scored, the three fixed rules included.
+        min_z: a candidate replaces the best so far only if its objective is lower by at least this many standard
+            errors of the mean per-image difference between the two (a paired test on the score images; 0: any
+            lower objective). The fixed rules' start is their plain minimum.
         step: initial step of the pattern search along each direction of log c (search_directions).
         min_step: the search ends when the step, halved after every round without improvement, falls below it.
         factors: the error table's knots of a layer, besides the fixed rules' keep counts: these multiples of the
@@ -113,6 +116,7 @@ class SearchOptions:
     fit_images: int = 1024
     score_images: int = 1024
     max_candidates: int = 7
+    min_z: float = 2.0
     step: float = 0.5
     min_step: float = 0.06
     factors: tuple[float, ...] = TABLE_FACTORS
@@ -129,6 +133,8 @@ class SearchOptions:
             raise ValueError(f"search.held_out_images must be an integer >= 0, got {held_out!r}")
         if self.max_candidates < len(FIXED_RULES):
             raise ValueError(f"search.max_candidates must be >= {len(FIXED_RULES)} (the fixed rules are scored)")
+        if not is_real(self.min_z) or not 0 <= self.min_z < math.inf:
+            raise ValueError(f"search.min_z must be a finite number >= 0, got {self.min_z!r}")
         for name in ("step", "min_step"):
             if not is_real(getattr(self, name)):
                 raise TypeError(f"search.{name} must be a number, got {getattr(self, name)!r}")

@@ -18,8 +18,10 @@ from lightning_repair.layers import prunable_layers
 from lightning_repair.operators import parse_recipe
 from lightning_repair.search import (
     FIXED_RULES,
+    Candidate,
     ErrorTable,
     SearchOptions,
+    better,
     implied_coefficients,
     minimise,
     output_distance,
@@ -123,7 +125,7 @@ def data():
     return [torch.randn(16, 3, 16, 16, generator=g) for _ in range(4)]
 
 
-OPTIONS = SearchOptions(held_out_images=0, fit_images=32, score_images=32, max_candidates=6)
+OPTIONS = SearchOptions(held_out_images=0, fit_images=32, score_images=32, max_candidates=6, min_z=0)
 
 
 @pytest.mark.parametrize("recipe", ["reconstruct_dense_bn", "default"])
@@ -197,6 +199,35 @@ def test_held_out_images_score_a_repair_fitted_on_every_calibration_image(data):
         search_allocation(dense, data, 0.9, "default", options)
 
 
+def test_better_is_a_paired_test_on_the_per_image_differences():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(400, generator=g, dtype=torch.float64)
+    b = Candidate("b", {}, float(base.mean()), base)
+
+    def shifted(by: torch.Tensor) -> Candidate:
+        return Candidate("a", {}, float((base - by).mean()), base - by)
+
+    assert not better(shifted(torch.zeros(400, dtype=torch.float64)), b, 2.0)  # the same: never better
+    steady = shifted(torch.full((400,), 1e-3, dtype=torch.float64))  # tiny but on every image
+    assert better(steady, b, 2.0)
+    noise = 0.5 * torch.randn(400, generator=g, dtype=torch.float64)
+    noisy = shifted(0.01 + noise - noise.mean())  # 0.01 lower on average, standard error 0.025
+    assert better(noisy, b, 0.0) and not better(noisy, b, 2.0)
+    assert better(noisy, b, 0.3)  # mean / standard error is about 0.4
+    assert better(steady, Candidate("b", {}, math.inf, base), 2.0)  # anything finite beats a diverged candidate
+
+
+def test_min_z_keeps_the_start_unless_a_move_is_beyond_the_objectives_noise(data):
+    dense = calibrated_dense()
+    moving = search_allocation(dense, data, 0.9, "default", OPTIONS)[1]
+    assert moving.chosen != moving.start  # without the test, a lower objective is a move
+    strict = SearchOptions(held_out_images=0, fit_images=32, score_images=32, max_candidates=6, min_z=1e6)
+    _, record = search_allocation(dense, data, 0.9, "default", strict)
+    assert record.chosen == record.start == moving.start
+    assert len(record.candidates) == strict.max_candidates  # it kept looking, and found nothing significant
+    assert [c.label for c in record.candidates[:3]] == [c.label for c in moving.candidates[:3]]
+
+
 def test_output_distance():
     model = nn.Linear(4, 3)
     x = [torch.randn(5, 4), torch.randn(3, 4)]
@@ -229,6 +260,8 @@ def test_options_are_checked():
         SearchOptions(step=0.1, min_step=0.2)
     with pytest.raises(ValueError, match="held_out_images"):
         SearchOptions(held_out_images=-1)
+    with pytest.raises(ValueError, match="min_z"):
+        SearchOptions(min_z=-1)
 
 
 DDP_OPTIONS = SearchOptions(held_out_images=32, max_candidates=6)
