@@ -32,6 +32,7 @@ parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.92, 0
 parser.add_argument("--repair", default="reconstruct_dense_bn")
 parser.add_argument("--max-candidates", type=int, default=30)
 parser.add_argument("--objective", default="kl")
+parser.add_argument("--min-z", type=float, default=2.0, help="search.min_z: 0 takes any lower objective")
 parser.add_argument("--held-out", type=int, default=0,
                     help="score on this many training images outside the calibration set (search.held_out_images)")
 parser.add_argument("--fit-images", type=int, default=256)
@@ -129,7 +130,7 @@ for sparsity in args.sparsities:
         continue
     forward_s = calibration_forward_time(dense, calibration)
     options = SearchOptions(objective=args.objective, held_out_images=args.held_out, max_candidates=args.max_candidates,
-                            fit_images=args.fit_images, score_images=args.score_images)  # fmt: skip
+                            fit_images=args.fit_images, score_images=args.score_images, min_z=args.min_z)  # fmt: skip
     keep, record = search_allocation(dense, calibration, sparsity, args.repair, options, forward_s=forward_s,
                                      held_out=held_out)  # fmt: skip
     start = time.perf_counter()
