@@ -30,8 +30,8 @@ class UntraceableModelError(TypeError):
 
 def trace(model: nn.Module) -> fx.Graph:
     """The model's graph; refused unless forward takes exactly one input, the batch of images the engine feeds."""
-    try:
-        graph = fx.symbolic_trace(model).graph
+    try:  # the graph alone: symbolic_trace would also build a GraphModule and generate its code, unused here
+        graph = fx.Tracer().trace(model)
     except Exception as err:
         raise UntraceableModelError(
             f"{type(model).__name__} is not traceable by torch.fx ({err}); the repair engine needs a "

@@ -424,20 +424,22 @@ def _solve_masked(gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, p
     rows, k = kept.shape
     counts = kept.sum(1)
     order = torch.argsort(counts, stable=True)
+    widths = counts[order].tolist()  # one read of the counts, not one per row (each a device sync on a GPU)
     solution = torch.zeros(rows, k, dtype=gram.dtype, device=gram.device)
     start = 0
     while start < rows:
         stop = start + 1  # grow the chunk while its padded systems fit the budget (rows sorted by width)
-        while stop < rows and (stop + 1 - start) * int(counts[order[stop]]) ** 2 <= _CHUNK_ELEMENTS:
+        while stop < rows and (stop + 1 - start) * widths[stop] ** 2 <= _CHUNK_ELEMENTS:
             stop += 1
         chunk = order[start:stop]
-        width = int(counts[chunk].max())
+        width = widths[stop - 1]
         if width > 0:
             # kept indices first, padding after: argsort of ~kept puts kept positions (in order) in front
             idx = torch.argsort((~kept[chunk]).to(torch.int8), dim=1, stable=True)[:, :width]
             valid = torch.arange(width, device=gram.device)[None] < counts[chunk, None]
+            # gram[idx[:, :, None], idx[:, None, :]], as one flat gather: faster than indexing by two index tensors
+            a = gram.flatten().take(idx[:, :, None] * k + idx[:, None, :])
             # in place: the padded systems are the solve's largest tensor (up to 256 MB)
-            a = gram[idx[:, :, None], idx[:, None, :]]
             a.diagonal(dim1=1, dim2=2).add_(penalty[idx])
             a.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
             a.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1)  # padding: identity, zero right side

@@ -119,6 +119,26 @@ def test_linear_reconstruction_with_bias_equals_least_squares():
         torch.testing.assert_close(linear.bias[o].detach(), solution[-1], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("budget", [1 << 25, 40])  # one chunk for all rows; chunks of a few rows, one row alone
+def test_masked_solve_equals_each_rows_own_solve(budget, monkeypatch):
+    """Rows of different widths (none kept included), solved padded in chunks: each as its own small system."""
+    monkeypatch.setattr(reconstruction, "_CHUNK_ELEMENTS", budget)
+    torch.manual_seed(3)
+    k = 7
+    a = torch.randn(30, k, dtype=torch.float64)
+    gram, cross = a.T @ a, torch.randn(k, 6, dtype=torch.float64)
+    penalty = torch.full((k,), 0.1, dtype=torch.float64)
+    kept = torch.rand(6, k) < torch.tensor([0.0, 0.3, 0.5, 0.7, 0.9, 1.0])[:, None]
+    kept[5] = True  # widths 0 .. 7: with budget 40, several chunks and a row of width 7 (49 entries) alone
+    solution = reconstruction._solve_masked(gram, cross, kept, penalty)
+    for r in range(6):
+        s = kept[r]
+        expected = torch.zeros(k, dtype=torch.float64)
+        if s.any():
+            expected[s] = torch.linalg.solve(gram[s][:, s] + torch.diag(penalty[s]), cross[s, r])
+        torch.testing.assert_close(solution[r], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_dead_inputs_and_rank_deficient_gram_stay_finite():
     """Two input channels always zero and two identical: H is singular; the damping makes the solve well posed."""
     torch.manual_seed(2)

@@ -467,6 +467,17 @@ def test_a_bn_behind_stochastic_depth_is_a_block_site(batches):
     assert not torch.equal(pruned.fc.weight, dense.fc.weight)  # ... folded into the classifier's columns
 
 
+def test_channel_moments_over_chunks_of_different_image_sizes():
+    """Chunks of images of different sizes: every position counts once, whatever its chunk's size."""
+    g = torch.Generator().manual_seed(1)
+    chunks = [torch.randn(4, 3, 6, 6, generator=g) + 5, torch.randn(3, 3, 2, 4, generator=g) - 2]
+    values = torch.cat([c.double().transpose(0, 1).flatten(1) for c in chunks], 1)
+    m = repair_module.channel_moments(chunks)
+    assert int(m.count) == 4 * 36 + 3 * 8
+    torch.testing.assert_close(m.mean[0], values.mean(1), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(m.cov[0, 0], values.var(1, unbiased=False), rtol=1e-6, atol=1e-9)
+
+
 def test_channel_moments_match_float64_also_when_the_mean_dwarfs_the_spread():
     """The walk's per-channel BN statistics against float64 on the whole set: a channel with mean 1e4 and std 1
     keeps its variance to 1e-5 relative (raw float32 squares would lose it entirely), whatever the batching."""
