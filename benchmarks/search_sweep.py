@@ -16,6 +16,7 @@ best of global/ERK/LAMP, its cost in F, and where its densities differ most from
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from search_setup import NETWORKS, load, read_rows, write_rows  # noqa: E402
+from search_setup import NETWORKS, load, read_rows, spearman, write_rows  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--network", choices=sorted(NETWORKS), default="resnet18")
@@ -85,6 +86,29 @@ def sweep_rows(path: Path) -> list[dict]:
     return rows
 
 
+def tracking(rows: list[dict], fixed_rows: list[dict]) -> str:
+    """How the search's objective of the fixed rules (the full repair scored as the search scores it) tracks their
+    test top-1, per network and repair: Spearman rho over every (cell, rule), and the same-sparsity pairs of rules
+    it orders as top-1 does (pairs tied on top-1 left out)."""
+    fixed = {(r["network"], float(r["sparsity"]), r["repair"], r["allocation"]): float(r["top1"]) for r in fixed_rows}
+    lines = ["| network | repair | cells | Spearman rho | same-sparsity pairs ordered as top-1 |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for network, repair in dict.fromkeys((r["network"], r["repair"]) for r in rows):
+        points = []  # (sparsity, objective, top1)
+        for r in rows:
+            if (r["network"], r["repair"]) != (network, repair):
+                continue
+            for rule, value in json.loads(r["objectives"]).items():
+                top1 = fixed.get((network, float(r["sparsity"]), repair, rule))
+                if rule in ("global", "erk", "lamp") and top1 is not None:
+                    points.append((float(r["sparsity"]), value, top1))
+        pairs = [(a, b) for a, b in itertools.combinations(points, 2) if a[0] == b[0] and a[2] != b[2]]
+        agree = sum((a[1] < b[1]) == (a[2] > b[2]) for a, b in pairs)
+        rho = spearman([-p[1] for p in points], [p[2] for p in points])
+        lines.append(f"| {network} | {repair} | {len(points)} | {rho:.3f} | {agree} of {len(pairs)} |")
+    return "\n".join(lines)
+
+
 def figure(rows: list[dict], fixed_rows: list[dict], path: Path) -> None:
     """A panel per (network, repair) of the search's cells: top-1 vs sparsity of global, ERK, LAMP and the search."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -112,6 +136,8 @@ def figure(rows: list[dict], fixed_rows: list[dict], path: Path) -> None:
 if args.report:
     fixed = read_rows(args.fixed) + [row for path in args.fixed_sweeps for row in sweep_rows(path)]
     print(report(read_rows(args.output), fixed))
+    print("\nThe objective against test top-1, over the fixed rules' cells:\n")
+    print(tracking(read_rows(args.output), fixed))
     if args.figure:
         figure(read_rows(args.output), fixed, args.figure)
     sys.exit()
