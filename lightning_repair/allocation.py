@@ -158,7 +158,7 @@ class Allocation:
         rr_power: erk_rr's exponent on the RR reweighting (0 = plain ERK).
         keep_dense: selectors (``role:first``, a name regex) of layers kept dense.
         overrides: per-layer forced sparsities and density caps.
-        search: the ``search`` method's options (ignored by the others).
+        search: the ``search`` method's options (its defaults when not given; an error for another method).
     """
 
     method: str = "erk"
@@ -166,17 +166,21 @@ class Allocation:
     rr_power: float = 1.0
     keep_dense: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
-    search: SearchOptions = field(default_factory=SearchOptions)
+    search: SearchOptions | None = None
 
     def __post_init__(self):
         if not isinstance(self.method, str) or self.method not in methods():
             raise ValueError(f"allocation.method: unknown method {self.method!r}; choose from {methods()}")
+        if self.search is not None and self.method != "search":
+            raise ValueError(f"allocation.search applies to method search only, not {self.method!r}")
+        if self.method == "search" and self.search is None:
+            self.search = SearchOptions()
         if isinstance(self.search, Mapping):
             try:
                 self.search = SearchOptions(**self.search)
             except TypeError as err:
                 raise ValueError(f"allocation.search: {err}") from None
-        if not isinstance(self.search, SearchOptions):
+        if self.search is not None and not isinstance(self.search, SearchOptions):
             raise TypeError(f"allocation.search must be a dict of search options, got {self.search!r}")
         for name in ("power", "rr_power"):
             value = getattr(self, name)

@@ -208,7 +208,7 @@ def test_shipped_erk_rr_config_runs_on_synthetic_data(tmp_path, dense_checkpoint
     metrics = result.metrics
     assert metrics["allocation"] == "erk_rr" and metrics["sparsity"]["achieved"] == pytest.approx(0.95, abs=1e-4)
     assert metrics["config"]["allocation"] == {"method": "erk_rr", "power": 1.0, "rr_power": 1.0, "keep_dense": [],
-                                               "overrides": []}  # fmt: skip
+                                               "overrides": [], "search": None}  # fmt: skip
     assert all(row["d_res"] is not None for row in metrics["layers"])
     assert result.events.Images("rr/heatmap")
 

@@ -271,6 +271,7 @@ def assert_one_error_line(err: str, *parts: str) -> None:
         (["--model.allocation", "{method: erk, overrides: [{select: fc}]}"], ["override 'fc'", "max_density"]),
         (["--model.allocation", "{method: search, search: {max_candidates: 2}}"], ["search.max_candidates", ">= 3"]),
         (["--model.allocation", "{method: search, search: {objective: l1}}"], ["search.objective", "'l1'"]),
+        (["--model.allocation", "{method: lamp, search: {max_candidates: 9}}"], ["allocation.search", "'lamp'"]),
         (["--model.repair", "bogus"], ["repair", "unknown preset 'bogus'"]),
         (["--model.repair", "[{op: bogus}]"], ["repair[0]", "unknown operator 'bogus'"]),
         (["--model.network.arch", "resnet9"], ["network.arch", "'resnet9'"]),
