@@ -117,7 +117,11 @@ class ImageDataModule(pl.LightningDataModule):
         """``size`` unlabeled training images outside the calibration subset: the next ``size`` of its seed's
         permutation (the ``search`` allocation scores its candidates on them)."""
         hp = self.hparams
-        return CalibrationImages(self._plain_train(), size, hp.calibration_seed, skip=hp.calibration_size)
+        try:
+            return CalibrationImages(self._plain_train(), size, hp.calibration_seed, skip=hp.calibration_size)
+        except ValueError as err:
+            raise ValueError(f"data: {err}: lower model.allocation.search.held_out_images or data.calibration_size") \
+                from None
 
     def _plain_train(self):
         """The training split without augmentation, as the repair sees it."""

@@ -91,6 +91,8 @@ def test_datamodule_held_out_batches_are_sharded_and_outside_the_calibration_set
     assert not (held[:, None] == calibration[None]).flatten(2).all(2).any()  # no calibration image among them
     shards = [torch.cat(dm.held_out_batches(30, rank=r, world_size=3)) for r in range(3)]
     assert torch.equal(torch.cat(shards), held)
+    with pytest.raises(ValueError, match="lower model.allocation.search.held_out_images or data.calibration_size"):
+        dm.held_out_batches(len(dm.train_set))
 
 
 @pytest.mark.parametrize("size", [0, -1, 51])
