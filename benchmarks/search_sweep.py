@@ -115,17 +115,22 @@ def figure(rows: list[dict], fixed_rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
     panels = list(dict.fromkeys((r["network"], r["repair"]) for r in rows))
-    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=150, layout="constrained")
-    for ax, (network, repair) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+    columns = min(2, len(panels))
+    rows_of_panels = -(-len(panels) // columns)
+    fig = Figure(figsize=(4.6 * columns, 3.6 * rows_of_panels), dpi=150, layout="constrained")
+    axes = fig.subplots(rows_of_panels, columns, squeeze=False).flatten()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (network, repair) in zip(axes, panels, strict=False):
         mine = sorted((float(r["sparsity"]), 100 * float(r["top1"])) for r in rows
                       if (r["network"], r["repair"]) == (network, repair))  # fmt: skip
         sparsities = {s for s, _ in mine}
-        for rule, style in (("global", ":"), ("erk", "--"), ("lamp", "-.")):
+        for rule, style, color in (("global", ":", "C0"), ("erk", "--", "C1"), ("lamp", "-.", "C2")):
             points = sorted((float(r["sparsity"]), 100 * float(r["top1"])) for r in fixed_rows
                             if (r["network"], r["repair"], r["allocation"]) == (network, repair, rule)
                             and float(r["sparsity"]) in sparsities)  # fmt: skip
             if points:
-                ax.plot(*zip(*points, strict=True), style, marker=".", label=rule)
+                ax.plot(*zip(*points, strict=True), style, marker=".", color=color, label=rule)
         ax.plot(*zip(*mine, strict=True), "-", marker="o", color="black", label="search")
         ax.set(title=f"{network}, {repair}", xlabel="sparsity", ylabel="test top-1 (%)")
         ax.grid(alpha=0.3)
