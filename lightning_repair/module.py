@@ -58,7 +58,7 @@ class PruneRepairModule(pl.LightningModule):
         sparsity: target global sparsity over prunable weights, in [0, 1).
         allocation: a method name (uniform, global, erk, lamp, rr, erk_rr, search) or a dict with options
             (``{method: search, search: {max_candidates: 7}}``; search scores candidate allocations by repairing
-            them with this run's repair, about 10 dense calibration passes each).
+            them with this run's repair: about the repair's cost plus one dense calibration pass each).
         repair: a preset (``lightning-repair fit --help`` lists them with their operators) or a
             list of operators, e.g. ``[{op: bn_recalibration}, {op: variance_matching, ...}]``.
         save_model: write the repaired model (dense-shaped and compact sparse) to the log dir.
