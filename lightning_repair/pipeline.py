@@ -109,9 +109,9 @@ def prune_and_repair(
     allocations need (a sweep computes it once for all its cells); ``keep``, per-layer keep counts already
     allocated for ``sparsity``, skips the allocation; allocation ``search`` repairs candidates with ``repair``'s
     recipe on ``calibration`` first and scores them on ``held_out`` images (``choose_keep``, recorded in
-    ``result.search``). ``activations`` is where the
-    repair keeps activations (``repair.repair``). ``dense`` is left untouched. Masks are checked after the repair: a
-    pruned weight that is not exactly zero is an error, never a silently denser model.
+    ``result.search``). ``activations`` is where the repair keeps activations (``repair.repair``). ``dense`` is
+    left untouched. Masks are checked after the repair: a pruned weight that is not exactly zero is an error, never
+    a silently denser model.
     """
     recipe = parse_recipe(repair)
     check_operators_fit(dense, recipe)

@@ -262,6 +262,10 @@ def test_options_are_checked():
         SearchOptions(held_out_images=-1)
     with pytest.raises(ValueError, match="min_z"):
         SearchOptions(min_z=-1)
+    with pytest.raises(TypeError, match="search.factors must be a list of numbers"):
+        SearchOptions(factors="0.5")
+    with pytest.raises(TypeError, match="search.step must be a number"):
+        SearchOptions(step="big")
 
 
 DDP_OPTIONS = SearchOptions(held_out_images=32, max_candidates=6)
