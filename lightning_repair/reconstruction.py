@@ -206,18 +206,28 @@ def _slice_images(conv: nn.Conv2d, x: torch.Tensor) -> int:
 
 def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(Gram, cross, patch sum) of the conv's patches, per group: the Gram from ``_conv_gram`` (in float64), the
-    cross term as the conv's weight gradient for output gradient y, the patch sum from the images' sum."""
-    xp = _padded(conv, x)
-    g, k = conv.groups, conv.weight[0].numel()
-    cross = sum(torch.nn.grad.conv2d_weight(a, conv.weight.shape, b, conv.stride, 0, conv.dilation, g).double()
-                for a, b in zip(xp.split(_CROSS_IMAGES), y.split(_CROSS_IMAGES), strict=True))  # fmt: skip
-    summed = F.unfold(xp.sum(0, keepdim=True), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    return _conv_gram(conv, xp, y.shape[2:]), cross.view(g, -1, k).mT, summed.sum(2).view(g, k)
+    cross term as the conv's weight gradient for output gradient y, the patch sum from the images' sum. Zero padding
+    is never laid out: the Gram leaves it out and the weight gradient pads as the conv does."""
+    x, pads = _zero_padding(conv, x)
+    (left, right, top, bottom), g, k = pads, conv.groups, conv.weight[0].numel()
+    # the weight gradient pads symmetrically only
+    xc, padding = (x, (top, left)) if (left, top) == (right, bottom) else (F.pad(x, pads), 0)
+    cross = sum(torch.nn.grad.conv2d_weight(a, conv.weight.shape, b, conv.stride, padding, conv.dilation, g).double()
+                for a, b in zip(xc.split(_CROSS_IMAGES), y.split(_CROSS_IMAGES), strict=True))  # fmt: skip
+    summed = F.unfold(F.pad(x.sum(0, keepdim=True), pads), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    return _conv_gram(conv, x, pads, y.shape[2:]), cross.view(g, -1, k).mT, summed.sum(2).view(g, k)
 
 
-def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    """The patch Gram (g, K, K), float64, of the padded input ``xp``, from one product per kernel offset and input
-    column.
+def _zero_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``x`` with any non-zero padding mode applied, and the zero padding still to apply (F.pad's order)."""
+    if conv.padding_mode == "zeros":
+        return x, _explicit_padding(conv)
+    return _padded(conv, x), [0, 0, 0, 0]
+
+
+def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tuple[int, int]) -> torch.Tensor:
+    """The patch Gram (g, K, K), float64, of the input ``x`` with zero padding ``pads`` (F.pad's order), from one
+    product per kernel offset and input column.
 
     Entry ((c, i, j), (c', i + di, j + dj)) sums x[c, a, b] x[c', a + di*dh, b + dj*dw] over the input positions
     (a, b) that kernel position (i, j) reads: rows i*dh + sh*p and columns j*dw + sw*q (p, q over the output). So
@@ -230,26 +240,36 @@ def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> 
     """
     (kh, kw), (dh, dw), (sh, sw), g = conv.kernel_size, conv.dilation, conv.stride, conv.groups
     ho, wo = out_size
-    n, c, hp, wp = xp.shape
+    n, c, h, w = x.shape
     cg = c // g
-    (top, bottom), (left, right) = _support(conv, hp, wp)
-    margin = (kw - 1) * dw  # zero columns on both sides: every column's partner window lies inside
+    left, right, top, bottom = pads
+    hp, wp = top + h + bottom, left + w + right  # the padded input's size
+    (top, bottom), (left, right) = (top, top + h), (left, left + w)  # where the image lies in it
+    margin = (kw - 1) * dw  # columns on both sides: every column's partner window lies inside
     hk = -(-hp // sh)  # rows per residue class mod sh
     # (columns, groups, channels, row mod sh, row // sh, images): the rows a stride reads, with all images, are
-    # contiguous, so every product's factors are views
-    cols = xp.new_zeros(wp + 2 * margin, g, cg, sh, hk, n)
-    images_last = xp.reshape(n, -1).T.contiguous().view(g, cg, hp, wp, n)  # then moving whole rows of images: fast
-    for r in range(min(sh, hp)):
-        rows = images_last[:, :, r::sh]
-        cols[margin : margin + wp, :, :, r, : rows.shape[2]] = rows.permute(3, 0, 1, 2, 4)
+    # contiguous, so every product's factors are views. Outside the image it holds zeros: padding and margin columns
+    # are read as partners (padding rows never are, but are zeroed all the same)
+    cols = x.new_empty(wp + 2 * margin, g, cg, sh, hk, n)
+    cols[: margin + left] = 0
+    cols[margin + right :] = 0
+    image = cols[margin + left : margin + right]
+    images_last = x.reshape(n, -1).T.contiguous().view(g, cg, h, w, n)  # then moving whole rows of images: fast
+    for r in range(sh):
+        first_row = -(-(top - r) // sh)  # padded row r + sh*first_row is the image's row r + sh*first_row - top
+        rows = images_last[:, :, r + sh * first_row - top :: sh]
+        last_row = first_row + rows.shape[2]
+        image[:, :, :, r, :first_row] = 0
+        image[:, :, :, r, first_row:last_row] = rows.permute(3, 0, 1, 2, 4)
+        image[:, :, :, r, last_row:] = 0
     first_col, end_col = left, min(right, (kw - 1) * dw + sw * (wo - 1) + 1)  # read and not padding
     first = cols[margin + first_col : margin + end_col]
-    reads = xp.new_zeros(kw, end_col - first_col)  # reads[j, b]: 1 where kernel column j reads column first_col + b
+    reads = x.new_zeros(kw, end_col - first_col)  # reads[j, b]: 1 where kernel column j reads column first_col + b
     for j in range(kw):
         read = _strided_slice(j * dw, sw, wo, first_col, end_col)
         if read is not None:
             reads[j, read] = 1
-    gram = xp.new_zeros(g, cg, kh, kw, cg, kh, kw)
+    gram = x.new_zeros(g, cg, kh, kw, cg, kh, kw, dtype=torch.float64)
     for di in range(kh):
         lowest = 0 if di == 0 else 1 - kw  # partners dj = lowest, ..., kw - 1 (at di = 0, dj < 0 are transposes)
         m = kw - lowest
@@ -265,7 +285,7 @@ def _conv_gram(conv: nn.Conv2d, xp: torch.Tensor, out_size: tuple[int, int]) -> 
                 gram[:, :, i, j, :, i + di, partners] = block.permute(0, 1, 3, 2)
                 gram[:, :, i + di, partners, :, i, j] = block.permute(0, 3, 2, 1)
     k = cg * kh * kw
-    return gram.view(g, k, k).double()
+    return gram.view(g, k, k)
 
 
 def _row_band_products(
@@ -312,14 +332,6 @@ def _strided_slice(start: int, step: int, count: int, lo: int, hi: int) -> slice
     skip = max(0, -(-(lo - start) // step))
     first, last = start + step * skip, min(start + step * (count - 1), hi - 1)
     return slice(first - lo, last - lo + 1, step) if first <= last else None
-
-
-def _support(conv: nn.Conv2d, hp: int, wp: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The rows and columns of the padded input that can be non-zero: all but zero padding."""
-    if conv.padding_mode != "zeros":
-        return (0, hp), (0, wp)
-    left, right, top, bottom = _explicit_padding(conv)
-    return (top, hp - bottom), (left, wp - right)
 
 
 def layer_statistics(

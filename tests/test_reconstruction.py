@@ -284,6 +284,7 @@ STATISTICS_CONVS = {  # (conv, input height and width): strides, dilations, grou
         dict(in_channels=3, out_channels=5, kernel_size=(5, 3), padding="same", dilation=(2, 1)),
         (9, 6),
     ),
+    "same_even_kernel_asymmetric": (dict(in_channels=3, out_channels=2, kernel_size=(2, 4), padding="same"), (5, 6)),
     "grouped_reflect": (
         dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2, padding_mode="reflect"),
         (6, 6),
