@@ -14,6 +14,7 @@ or repeats it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -146,7 +147,8 @@ class _Walk:
     The dense network runs only where an operator reads it (``_dense_mode``): node by node beside the pruned one
     (``lockstep``) when an operator reads dense activations before the classifier; as one plain forward pass that
     keeps only the classifier's input and output (``classifier``) when the operators read nothing else
-    (``classifier_refit`` after ``bn_recalibration``: the ``default`` preset); not at all (``none``) when no
+    (``classifier_refit`` after ``bn_recalibration``: the ``default`` preset), a pass that later repairs against the
+    same dense network and batches reuse (``dense_classifier_io``); not at all (``none``) when no
     operator reads it (``bn_recalibration``). The dense values are the same in every mode, so is the result.
 
     Invariant (pending scale): where a ``block`` correction's gain could not be folded into the identity stream
@@ -213,21 +215,10 @@ class _Walk:
             self._dense_classifier()
 
     def _dense_classifier(self) -> None:
-        """One plain forward pass of the dense network, keeping only the classifier's input and output per chunk."""
         (node,) = [n for n in self.nodes if n.op == "call_module" and n.target == self.classifier]
-        inputs, outputs = [], []
-
-        def keep(_module, args, output):  # copies: a later in-place op must not change what is kept
-            inputs.append(args[0].clone())
-            outputs.append(output.clone())
-
-        handle = self.mods_d[self.classifier].register_forward_hook(keep)
-        try:
-            for b in self.batches:
-                self.mods_d[""](b.clone())
-        finally:
-            handle.remove()
-        self.env_d[node.args[0]], self.env_d[node] = inputs, outputs
+        self.env_d[node.args[0]], self.env_d[node] = dense_classifier_io(
+            self.mods_d[""], self.mods_d[self.classifier], self.batches
+        )
 
     def _check_output(self, node: fx.Node) -> None:
         pending = [a for a in node.all_input_nodes if a in self.scale]
@@ -385,6 +376,52 @@ class _Walk:
             linear.bias.add_(linear.weight @ b)
         linear.weight.mul_(g)
         self.report.gains[f"{node.target}@input"] = g.float().cpu()
+
+
+# The dense classifier's inputs and outputs on the calibration batches depend only on the dense network's tensors and
+# the batches, and a sweep or a search repairs many pruned copies against the same dense network and batches: they
+# are kept, per dense network (held weakly), for the last batches it ran on. Invariant: a kept result is reused only
+# while every tensor it came from, and every tensor of it, is the same live object with the same storage and version
+# counter (which every in-place change bumps); anything else runs the dense network again, so no result is stale.
+_CLASSIFIER_IO: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def dense_classifier_io(
+    dense: nn.Module, classifier: nn.Module, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per batch, the input and output of ``dense``'s ``classifier``: one plain forward pass of ``dense``, or none
+    when the same dense network last ran on the same batches, all unchanged (``_CLASSIFIER_IO``)."""
+    sources = [*dense.parameters(), *dense.buffers(), *batches]
+    kept = _CLASSIFIER_IO.get(dense)
+    if kept is not None:
+        source_state, result_state, inputs, outputs = kept
+        if _unchanged(source_state, sources) and _unchanged(result_state, inputs + outputs):
+            return inputs, outputs
+    inputs, outputs = [], []
+
+    def keep(_module, args, output):  # copies: a later in-place op must not change what is kept
+        inputs.append(args[0].clone())
+        outputs.append(output.clone())
+
+    handle = classifier.register_forward_hook(keep)
+    try:
+        for b in batches:
+            dense(b.clone())
+    finally:
+        handle.remove()
+    _CLASSIFIER_IO[dense] = (_state(sources), _state(inputs + outputs), inputs, outputs)
+    return inputs, outputs
+
+
+def _state(tensors: list[torch.Tensor]) -> list[tuple]:
+    return [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
+
+
+def _unchanged(state: list[tuple], tensors: list[torch.Tensor]) -> bool:
+    return len(state) == len(tensors) and all(
+        ref() is t and (pointer, version) == (t.data_ptr(), t._version)
+        for (ref, pointer, version), t in zip(state, tensors, strict=True)
+    )
 
 
 def _dense_mode(ops: list[Operator], nodes: list[fx.Node], modules: Modules, classifier: str | None) -> str:

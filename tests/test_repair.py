@@ -260,6 +260,33 @@ def test_the_dense_network_runs_only_where_an_operator_reads_it(dense, batches, 
     assert set(report.variance_reference.values()) == {reference}
 
 
+def test_a_repeated_repair_reuses_the_dense_logits_only_while_nothing_changed(dense, batches):
+    """default reads only the dense logits: a second repair against the same dense network and batches does not run
+    the dense network again and gives the same model bit for bit; other batch tensors (even equal ones) or an
+    in-place change of a dense weight run it again, and the result is a cold repair's."""
+    pruned, masks = pruned_copy(dense, 0.9)
+    runs = []
+    handle = dense.register_forward_hook(lambda *_: runs.append(1))
+
+    def repaired(dense_, batches_) -> str:
+        model = copy.deepcopy(pruned)
+        repair(model, dense_, batches_, "default", masks=masks)
+        return state_digest(model.state_dict())
+
+    try:
+        first = repaired(dense, batches)
+        assert len(runs) == len(batches)
+        assert repaired(dense, batches) == first and len(runs) == len(batches)
+        assert repaired(dense, [b.clone() for b in batches]) == first and len(runs) == 2 * len(batches)
+        with torch.no_grad():
+            [m for m in dense.modules() if isinstance(m, nn.Linear)][-1].weight.mul_(2)
+        changed = repaired(dense, batches)
+        assert len(runs) == 3 * len(batches) and changed != first
+    finally:
+        handle.remove()
+    assert changed == repaired(copy.deepcopy(dense), batches)
+
+
 def test_batching_does_not_change_the_result(dense, batches):
     one, _ = pruned_copy(dense)
     many = copy.deepcopy(one)
