@@ -7,7 +7,7 @@ Only rank 0 writes files; every statistic and every accuracy is reduced across p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -41,6 +41,9 @@ from .records import init_args, plain, run_hparams, run_record
 from .stats import count_over_processes
 from .stores import STORES, Activations
 from .utils import timed
+
+if TYPE_CHECKING:
+    from .search import SearchRecord
 
 Sparsity = restricted_number_type("Sparsity", float, [(">=", 0.0), ("<", 1.0)])
 
@@ -178,8 +181,7 @@ class PruneRepairModule(pl.LightningModule):
                 )  # fmt: skip
         keep, search, self.profile, at_allocation = self._allocate(dense, calibration, held_out, timings, bar)
         result = prune_and_repair(dense, calibration, hp.sparsity, self.allocation, self.recipe, test, bar, keep=keep,
-                                  activations=hp.activations)  # fmt: skip
-        result.search = search
+                                  activations=hp.activations, search=search)  # fmt: skip
         for key, seconds in result.timings.items():
             timings[key] = timings.get(key, 0.0) + seconds
 
@@ -207,7 +209,7 @@ class PruneRepairModule(pl.LightningModule):
     def _allocate(
         self, dense: nn.Module, calibration: list[torch.Tensor], held_out: list[torch.Tensor] | None,
         timings: dict[str, float], bar,
-    ) -> tuple[dict[str, int], dict | None, RRProfile | None, dict[str, dict]]:
+    ) -> tuple[dict[str, int], SearchRecord | None, RRProfile | None, dict[str, dict]]:
         """The keep counts, the search's record (allocation ``search``), the RR profile (when rr_grid asks for one)
         and per layer name D_raw, D_res and RR at the allocated keep count (and the density the search started
         from): measured in the profile's own pass when the allocation does not depend on the profile, else in a
@@ -298,6 +300,7 @@ class PruneRepairModule(pl.LightningModule):
             + f"\n\naccuracy  dense {acc['dense']:.4f}  pruned {acc['pruned']:.4f}  repaired {acc['repaired']:.4f}"
             + f"  ({res['test_samples']} test images)\nrepair {res['timings_s']['repair']:.2f}s = "
             + f"{res['timings_s']['repair'] / res['timings_s']['calibration_forward']:.2f}x one dense calibration pass"
+            + (" (in the search, not run again)" if res.get("search", {}).get("repair_reused") else "")
             + (f"\nallocation search: {res['search']['candidates']} candidates scored, started from "
                f"{res['search']['start']}, chose {res['search']['chosen']}, {res['search']['cost_f']:.1f}x one dense "
                "calibration pass" if "search" in res else "")
@@ -308,11 +311,11 @@ class PruneRepairModule(pl.LightningModule):
         )
 
 
-def _search_start(dense: nn.Module, search: dict | None) -> dict[str, dict]:
+def _search_start(dense: nn.Module, search: SearchRecord | None) -> dict[str, dict]:
     """Per layer name, the density of the allocation the search started from (none when it did not run)."""
     if search is None:
         return {}
-    start = search["start_kept"]
+    start = search.summary()["start_kept"]
     return {layer.name: {"search_start_density": start[layer.name] / layer.numel} for layer in prunable_layers(dense)}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from .repair import repair as run_repair
 from .stores import Activations
 from .utils import timed
 
+if TYPE_CHECKING:
+    from .search import SearchRecord
+
 Evaluate = Callable[[nn.Module, str], dict]  # (model, description) -> {"top1", "top5", "samples"}
 
 
@@ -39,7 +43,7 @@ class PruneRepairResult:
     timings: dict[str, float]
     pruned: dict | None = None  # accuracy of the pruned, unrepaired model (when evaluated)
     repaired: dict | None = None  # accuracy of the repaired model (when evaluated)
-    search: dict | None = None  # what the ``search`` allocation did (SearchRecord.summary), when it ran
+    search: dict | None = None  # what the ``search`` allocation did (SearchRecord.summary, repair_reused), if it ran
 
     @property
     def achieved_sparsity(self) -> float:
@@ -69,22 +73,23 @@ def choose_keep(
     forward_s: float | None = None,
     progress: Callable[[Iterable, str], Iterable] | None = None,
     held_out: Sequence[torch.Tensor] | None = None,
-) -> tuple[dict[str, int], dict | None]:
+) -> tuple[dict[str, int], SearchRecord | None]:
     """Keep counts per layer, and the record of the search when ``allocation`` is ``search`` (None otherwise).
 
     ``search`` scores candidate allocations by repairing them with ``recipe`` on ``calibration`` (search.py), so
     it needs what ``allocate`` does not have; every other method is ``allocate``. ``forward_s``: the time of one
     dense pass over ``calibration`` if already measured (the search reports its cost in it); ``progress``
     wraps the search's candidates (a progress bar); ``held_out``: batches of the ``allocation.held_out_images``
-    unlabeled images outside ``calibration`` that the search scores candidates on."""
+    unlabeled images outside ``calibration`` that the search scores candidates on. Pass the record on to
+    ``prune_and_repair(..., keep=keep, search=record)``: it holds the chosen candidate's repaired copy when the
+    search fitted it on the whole of ``calibration``, which the pipeline then uses instead of repairing again."""
     allocation = as_allocation(allocation)
     if allocation.method not in DATA_METHODS:
         return allocate(dense, sparsity, allocation, profile=profile), None
     from .search import search_allocation  # the search imports the repair, which the rules do not need
 
-    keep, record = search_allocation(dense, calibration, sparsity, recipe, allocation.search, allocation, forward_s,
-                                     progress, held_out)  # fmt: skip
-    return keep, record.summary()
+    return search_allocation(dense, calibration, sparsity, recipe, allocation.search, allocation, forward_s,
+                             progress, held_out)  # fmt: skip
 
 
 def prune_and_repair(
@@ -99,6 +104,7 @@ def prune_and_repair(
     keep: Mapping[str, int] | None = None,
     activations: Activations = "device",
     held_out: Iterable[torch.Tensor] | None = None,
+    search: SearchRecord | None = None,
 ) -> PruneRepairResult:
     """Prune a copy of ``dense`` to ``sparsity`` and repair it from unlabeled ``calibration`` batches (image tensors).
 
@@ -109,9 +115,12 @@ def prune_and_repair(
     allocations need (a sweep computes it once for all its cells); ``keep``, per-layer keep counts already
     allocated for ``sparsity``, skips the allocation; allocation ``search`` repairs candidates with ``repair``'s
     recipe on ``calibration`` first and scores them on ``held_out`` images (``choose_keep``, recorded in
-    ``result.search``). ``activations`` is where the repair keeps activations (``repair.repair``). ``dense`` is
-    left untouched. Masks are checked after the repair: a pruned weight that is not exactly zero is an error, never
-    a silently denser model.
+    ``result.search``); ``search`` is that record when the caller ran ``choose_keep`` for ``keep`` itself. When the
+    search fitted its candidates on the whole of ``calibration``, its chosen candidate is already repaired exactly as
+    here, so it is not repaired again: ``result.search["repair_reused"]`` is then true and ``timings["repair"]`` is
+    the time that repair took inside the search (also counted in ``timings["allocation"]``). ``activations`` is
+    where the repair keeps activations (``repair.repair``). ``dense`` is left untouched. Masks are checked after the
+    repair: a pruned weight that is not exactly zero is an error, never a silently denser model.
     """
     recipe = parse_recipe(repair)
     check_operators_fit(dense, recipe)
@@ -119,22 +128,30 @@ def prune_and_repair(
         evaluate = _loader_evaluation(evaluate, next(dense.parameters()).device)
     calibration = list(calibration)
     timings: dict[str, float] = {}
-    search = None
     if keep is None:
         with timed(timings, "allocation"):
             keep, search = choose_keep(dense, calibration, sparsity, allocation, recipe, profile, None, progress,
                                        None if held_out is None else list(held_out))  # fmt: skip
-    with timed(timings, "masking"):
-        masks = compute_masks(dense, keep)
-        model = apply_masks(copy.deepcopy(dense), masks)
+    reused = search.best.repaired if search is not None else None
+    if reused is not None and reused.keep != dict(keep):
+        reused = None
     pruned = repaired = None
-    if evaluate is not None:
-        with timed(timings, "evaluation"):
-            pruned = evaluate(model, "evaluate pruned")
-    with timed(timings, "repair"):
-        report = run_repair(model, dense, calibration, recipe, masks=masks, activations=activations,
-                            progress=progress and (lambda it: progress(it, "repair")))  # fmt: skip
-    masks = report.masks or masks  # reconstruction may re-select masks from its statistics (same counts)
+    if reused is None or evaluate is not None:
+        with timed(timings, "masking"):
+            masks = compute_masks(dense, keep)
+            model = apply_masks(copy.deepcopy(dense), masks)
+        if evaluate is not None:
+            with timed(timings, "evaluation"):
+                pruned = evaluate(model, "evaluate pruned")
+    if reused is None:
+        with timed(timings, "repair"):
+            report = run_repair(model, dense, calibration, recipe, masks=masks, activations=activations,
+                                progress=progress and (lambda it: progress(it, "repair")))  # fmt: skip
+        masks = report.masks or masks  # reconstruction may re-select masks from its statistics (same counts)
+    else:  # the search's repair of these counts on these very batches: the model this repair would give
+        model, masks, report = reused.model, reused.masks, reused.report
+        timings["repair"] = reused.seconds
+        reused.warn()
     timings.update(report.timings)  # the reconstruction's share of the repair time
     violations = mask_violations(model, masks)
     if violations:
@@ -142,7 +159,8 @@ def prune_and_repair(
     if evaluate is not None:
         with timed(timings, "evaluation"):
             repaired = evaluate(model, "evaluate repaired")
-    return PruneRepairResult(model, masks, allocation_table(dense, keep), report, timings, pruned, repaired, search)
+    summary = None if search is None else search.summary() | {"repair_reused": reused is not None}
+    return PruneRepairResult(model, masks, allocation_table(dense, keep), report, timings, pruned, repaired, summary)
 
 
 def _loader_evaluation(loader: Iterable, device: torch.device) -> Evaluate:

@@ -33,6 +33,10 @@ network reproduces the dense network's outputs best on unlabeled images:
 Everything is deterministic (no random draw; statistics reduced as sums across DDP processes, the objective's sums
 too), so every process takes the same decisions and returns the same keep counts.
 Cost is reported in F, one dense forward pass over the full calibration set.
+
+When every process fits on its whole calibration shard (the default), the best candidate's repaired copy is exactly
+what ``pipeline.prune_and_repair`` would build from the chosen counts: the search keeps it (``Candidate.repaired``,
+for the best candidate only) and the pipeline uses it instead of repairing again.
 """
 
 from __future__ import annotations
@@ -53,8 +57,26 @@ from .evaluation import calibration_forward_time
 from .layers import prunable_layers
 from .masks import apply_masks, compute_masks
 from .operators import Operator, parse_recipe
-from .repair import repair
+from .repair import RepairReport, repair
 from .stats import all_reduce_sum
+
+
+@dataclass
+class Repaired:
+    """A copy of the dense model pruned by magnitude to ``keep`` and repaired: its masks (as the repair left them),
+    the repair's report, the seconds the repair took and the warnings it gave."""
+
+    keep: dict[str, int]
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    report: RepairReport
+    seconds: float
+    caught: list[warnings.WarningMessage]
+
+    def warn(self) -> None:
+        """Give again the warnings the repair gave (the search silenced them)."""
+        for w in self.caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @dataclass
@@ -63,6 +85,8 @@ class Candidate:
     keep: dict[str, int]
     objective: float  # the mean over every process's score images
     per_image: torch.Tensor = field(repr=False, compare=False, default=None)  # this process's images
+    # the repaired copy, kept for the best candidate only, when its fit images are the whole calibration set
+    repaired: Repaired | None = field(repr=False, compare=False, default=None)
 
 
 @dataclass
@@ -184,23 +208,22 @@ def better(a: Candidate, b: Candidate, min_z: float) -> bool:
     return mean > 0 and mean >= min_z * math.sqrt(variance / n)
 
 
-def repaired_distance(
-    dense: nn.Module, keep: Mapping[str, int], fit: Sequence[torch.Tensor], score: Sequence[torch.Tensor],
-    dense_logits: Sequence[torch.Tensor], recipe: Sequence[Operator], objective: str = "kl",
-) -> torch.Tensor:  # fmt: skip
-    """The objective of one allocation: prune a copy of ``dense`` by magnitude to ``keep``, repair it on ``fit``
-    with ``recipe``, and measure its output distance to the dense logits on each ``score`` image (this process's)."""
-    return per_image_distance(stand_in(dense, keep, fit, recipe), score, dense_logits, objective)
-
-
 def stand_in(dense: nn.Module, keep: Mapping[str, int], fit: Sequence[torch.Tensor], recipe) -> nn.Module:
     """A copy of ``dense`` pruned by magnitude to ``keep`` and repaired on ``fit`` with ``recipe``."""
+    return repaired_copy(dense, keep, fit, recipe).model
+
+
+def repaired_copy(dense: nn.Module, keep: Mapping[str, int], fit: Sequence[torch.Tensor], recipe) -> Repaired:
+    """``stand_in`` with its masks, report, time and warnings: the same steps as ``pipeline.prune_and_repair``'s,
+    so on the same batches the same model bit for bit (on the activations store ``device``, which gives the same
+    model as ``host`` and ``disk``: ``repair.repair``)."""
     masks = compute_masks(dense, dict(keep))
     model = apply_masks(copy.deepcopy(dense), masks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # few fit images: the reconstruction's fewer-rows warning
-        repair(model, dense, fit, recipe, masks=masks)
-    return model
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:  # not shown: e.g. few fit images' fewer-rows warning
+        warnings.simplefilter("always")
+        report = repair(model, dense, fit, recipe, masks=masks)
+    return Repaired(dict(keep), model, report.masks or masks, report, time.perf_counter() - start, caught)
 
 
 # ----------------------------------------------------------------------------- the error table
@@ -362,6 +385,11 @@ def search_allocation(
         fit, score = split_batches(batches, options.fit_images, 0)[0], list(held_out)
     else:
         fit, score = split_batches(batches, options.fit_images, options.score_images)
+    whole = [b.shape for b in fit] == [b.shape for b in batches]  # the same images in the same batches
+    if whole:
+        fit = list(batches)  # the very tensors the pipeline's repair reads
+    # keep the best candidate's repaired copy only if every process fits on its whole shard (one decision for all)
+    reusable = all_reduce_sum(torch.tensor(float(not whole), device=batches[0].device)).item() == 0
 
     t = time.perf_counter()
     dense_logits = logits_of(dense, score)
@@ -377,20 +405,30 @@ def search_allocation(
         if key in scored:
             return scored[key]
         t0 = time.perf_counter()
-        per_image = repaired_distance(dense, keep, fit, score, dense_logits, recipe, options.objective)
+        repaired = repaired_copy(dense, keep, fit, recipe)
+        per_image = per_image_distance(repaired.model, score, dense_logits, options.objective)
         timings["candidates"] = timings.get("candidates", 0.0) + time.perf_counter() - t0
-        candidate = Candidate(label, dict(keep), mean_over_processes(per_image), per_image)
+        candidate = Candidate(label, dict(keep), mean_over_processes(per_image), per_image,
+                              repaired if reusable else None)  # fmt: skip
         scored[key] = candidate
         order.append(candidate)
         next(ticks, None)
         return candidate
 
+    def drop_all_but_best() -> None:  # at most one repaired copy alive besides the one being scored
+        for c in order:
+            if c is not best:
+                c.repaired = None
+
     fixed = {}
-    for rule in FIXED_RULES:
+    best = None
+    for rule in FIXED_RULES:  # the lowest objective, the first on ties
         rule_allocation = Allocation(method=rule, keep_dense=list(base.keep_dense), overrides=list(base.overrides))
         fixed[rule] = allocate(dense, sparsity, rule_allocation)
-        score_of(rule, fixed[rule])
-    best = min(order, key=lambda c: (c.objective, order.index(c)))
+        candidate = score_of(rule, fixed[rule])
+        if best is None or candidate.objective < best.objective:
+            best = candidate
+        drop_all_but_best()
     start = best
 
     t = time.perf_counter()
@@ -431,6 +469,8 @@ def search_allocation(
                 candidate = try_alpha(trial, f"table:{key}{sign * step:+g}@{steps}")
                 if candidate is not None and better(candidate, best, options.min_z):
                     best, alpha, best_alpha, improved = candidate, trial, trial, True
+                drop_all_but_best()
+                if improved:
                     break
             if improved:
                 break

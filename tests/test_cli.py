@@ -98,6 +98,7 @@ def test_allocation_search_from_yaml_records_its_choice_start_and_cost(tmp_path,
     assert 3 <= search["candidates"] <= 4 and search["start"] in ("global", "erk", "lamp")
     assert search["chosen"] in search["objectives"] and search["cost_f"] > 0
     assert search["objectives"][search["chosen"]] == min(search["objectives"].values())
+    assert search["repair_reused"] is True and metrics["timings_s"]["repair"] > 0  # fitted on every image
     numel = {row["name"]: row["numel"] for row in metrics["layers"]}
     start = {row["name"]: row["search_start_density"] for row in metrics["layers"]}
     assert start == {name: kept / numel[name] for name, kept in search["start_kept"].items()}
@@ -105,6 +106,7 @@ def test_allocation_search_from_yaml_records_its_choice_start_and_cost(tmp_path,
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)
     out = capfd.readouterr().out
     assert "start" in out.splitlines()[0] and f"chose {search['chosen']}" in out
+    assert "one dense calibration pass (in the search, not run again)" in out
 
 
 FRAGMENTS = sorted((Path(__file__).parents[1] / "configs" / "allocation").glob("*.yaml"))

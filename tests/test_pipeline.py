@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,63 @@ def test_readme_from_python_example_runs_as_written(tmp_path):
     kept = sum(int((layer.module.weight != 0).sum()) for layer in prunable_layers(model))
     total = sum(layer.numel for layer in prunable_layers(model))
     assert kept / total == pytest.approx(0.05, abs=1e-4)
+
+
+def counted_repairs(monkeypatch) -> dict[str, int]:
+    """Count the repairs the pipeline runs itself and those the search runs (its candidates)."""
+    from lightning_repair import pipeline, search
+
+    calls = {"pipeline": 0, "search": 0}
+    for module, key, original in ((pipeline, "pipeline", pipeline.run_repair), (search, "search", search.repair)):
+
+        def counting(*args, _key=key, _original=original, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "run_repair" if key == "pipeline" else "repair", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("fit_images", "reused"), [(1024, True), (16, False)])
+def test_search_hands_its_repaired_choice_over_when_it_fitted_every_calibration_image(
+    dense, batches, monkeypatch, fit_images, reused
+):
+    """With every calibration image fitted (the default), the chosen candidate is repaired once, in the search;
+    with fewer, the pipeline repairs it. Either way the model is a fresh repair of the chosen counts, bit for bit."""
+    calls = counted_repairs(monkeypatch)
+    search = {"method": "search", "search": {"held_out_images": 0, "score_images": 16, "fit_images": fit_images,
+                                             "max_candidates": 4, "min_z": 0}}  # fmt: skip
+    labeled = [(b, torch.zeros(len(b), dtype=torch.long)) for b in batches]
+    with warnings.catch_warnings(record=True) as given:
+        warnings.simplefilter("always")
+        result = lr.prune_and_repair(dense, batches, 0.9, search, "reconstruct_dense_bn", evaluate=labeled)
+    assert calls == {"pipeline": 0 if reused else 1, "search": result.search["candidates"]}
+    assert result.search["repair_reused"] is reused
+    assert result.timings["repair"] > 0 and "reconstruction_solve" in result.timings
+    keep = {row["name"]: row["kept"] for row in result.layers}
+    with warnings.catch_warnings(record=True) as fresh_given:
+        warnings.simplefilter("always")
+        fresh = lr.prune_and_repair(dense, batches, 0.9, "lamp", "reconstruct_dense_bn", evaluate=labeled, keep=keep)
+    as_given = lambda caught: [(str(w.message), w.category, w.filename, w.lineno) for w in caught]  # noqa: E731
+    assert as_given(given) == as_given(fresh_given) != []  # the fewer-rows warning, as the fresh repair gives it
+    assert calls["pipeline"] == (1 if reused else 2) and fresh.search is None
+    assert same_state(result.model, fresh.model)
+    assert result.masks.keys() == fresh.masks.keys()
+    assert all(torch.equal(result.masks[n], fresh.masks[n]) for n in fresh.masks)
+    assert (result.pruned, result.repaired) == (fresh.pruned, fresh.repaired)
+
+
+def test_a_search_record_passed_with_its_keep_counts_is_reused(dense, batches, monkeypatch):
+    """As ``lightning-repair fit`` calls it: choose_keep first, then prune_and_repair with the counts and record."""
+    from lightning_repair.pipeline import choose_keep
+
+    calls = counted_repairs(monkeypatch)
+    recipe = parse_recipe("default")
+    search = {"method": "search", "search": {"held_out_images": 0, "score_images": 16, "max_candidates": 3}}
+    keep, record = choose_keep(dense, batches, 0.9, search, recipe)
+    result = lr.prune_and_repair(dense, batches, 0.9, search, recipe, keep=keep, search=record)
+    assert calls == {"pipeline": 0, "search": 3} and result.search["repair_reused"]
+    assert result.model is record.best.repaired.model
+    other = allocate(dense, 0.9, "global") if keep != allocate(dense, 0.9, "global") else allocate(dense, 0.9, "erk")
+    elsewhere = lr.prune_and_repair(dense, batches, 0.9, search, recipe, keep=other, search=record)
+    assert calls["pipeline"] == 1 and not elsewhere.search["repair_reused"]  # not the counts the search chose

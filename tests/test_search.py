@@ -16,6 +16,7 @@ from torch import nn
 from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.layers import prunable_layers
 from lightning_repair.operators import parse_recipe
+from lightning_repair.pipeline import prune_and_repair
 from lightning_repair.search import (
     FIXED_RULES,
     Candidate,
@@ -199,6 +200,17 @@ def test_held_out_images_score_a_repair_fitted_on_every_calibration_image(data):
         search_allocation(dense, data, 0.9, "default", options)
 
 
+def test_only_the_best_candidate_keeps_its_repaired_copy_and_only_when_fitted_on_every_image(data):
+    dense = calibrated_dense()
+    whole = SearchOptions(held_out_images=0, fit_images=1024, score_images=32, max_candidates=6, min_z=0)
+    _, record = search_allocation(dense, data, 0.9, "default", whole)
+    assert record.chosen != record.start  # the best changed hands during the search
+    assert [c for c in record.candidates if c.repaired is not None] == [record.best]
+    assert record.best.repaired.keep == record.best.keep
+    _, record = search_allocation(dense, data, 0.9, "default", OPTIONS)  # fitted on 32 of the 64 images
+    assert all(c.repaired is None for c in record.candidates)
+
+
 def test_better_is_a_paired_test_on_the_per_image_differences():
     g = torch.Generator().manual_seed(0)
     base = torch.rand(400, generator=g, dtype=torch.float64)
@@ -285,7 +297,18 @@ def _ddp_search(rank: int, folder: str) -> None:
         held_out = images[64:80] if rank == 0 else images[80:]  # the objective's sums are reduced too
         keep, record = search_allocation(dense, list(shard.split(16)), 0.95, "reconstruct_dense_bn", DDP_OPTIONS,
                                          held_out=[held_out])  # fmt: skip
-        torch.save({"keep": keep, "objectives": [c.objective for c in record.candidates]}, f"{folder}/rank{rank}.pt")
+        # each process fitted its whole shard: the kept copy is what the pipeline's repair gives under DDP
+        fresh = prune_and_repair(dense, list(shard.split(16)), 0.95, "lamp", "reconstruct_dense_bn", keep=keep)
+        kept = record.best.repaired.model.state_dict()
+        same = all(torch.equal(kept[k], v) for k, v in fresh.model.state_dict().items())
+        # process 0 fits 32 of its 33 images, process 1 all of its 31: neither keeps a copy (one decision for all)
+        uneven = images[:33] if rank == 0 else images[33:64]
+        options = SearchOptions(held_out_images=0, fit_images=63, score_images=16, max_candidates=3)
+        _, other = search_allocation(dense, list(uneven.split(16)), 0.95, "default", options)
+        uneven_kept = any(c.repaired is not None for c in other.candidates)
+        objectives = [c.objective for c in record.candidates]
+        saved = {"keep": keep, "objectives": objectives, "same_as_fresh": same, "uneven_kept": uneven_kept}
+        torch.save(saved, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -295,6 +318,8 @@ def test_ddp_ranks_choose_the_same(tmp_path):
     a, b = (torch.load(Path(tmp_path, f"rank{r}.pt")) for r in (0, 1))
     assert a["keep"] == b["keep"]
     assert a["objectives"] == b["objectives"]
+    assert a["same_as_fresh"] and b["same_as_fresh"]
+    assert not a["uneven_kept"] and not b["uneven_kept"]
     assert len(a["objectives"]) >= len(FIXED_RULES) and all(math.isfinite(v) for v in a["objectives"])
     # and the same as one process with every image: the statistics and the objective are sums over images
     images = ddp_images()
