@@ -20,8 +20,10 @@ all of them alike):
 Random weights with data-driven BN statistics: cost does not depend on what the network learned. With --cpu-time
 every duration is the process's CPU time instead of wall time (with OMP_NUM_THREADS=1, not inflated by other jobs on
 the machine); ``--mask RULE`` adds ``reconstruct`` with that mask selection, named ``reconstruct+RULE``, next to
-plain ``reconstruct``; with --flops it counts the floating-point operations of matrix products and convolutions instead
-(torch.utils.flop_counter; elementwise work and solves are not counted): the arithmetic a preset needs.
+plain ``reconstruct``; ``--profile PRESET`` instead lists the operators one repair with PRESET spends its time in
+(torch.profiler, self time in F); with --flops it counts the floating-point operations of matrix products and
+convolutions instead (torch.utils.flop_counter; elementwise work and solves are not counted): the arithmetic a preset
+needs.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def flops(fn) -> float:
     return counter.get_total_flops()
 
 
-def measure(arch: str, args, device: torch.device) -> dict:
+def setup(arch: str, args, device: torch.device) -> tuple:
+    """The dense network, its LAMP-pruned copy, the masks and the calibration batches."""
     torch.manual_seed(0)
     images = torch.randn(args.images, args.in_channels, args.image_size, args.image_size, device=device)
     batches = list(images.split(args.batch_size))
@@ -90,7 +93,11 @@ def measure(arch: str, args, device: torch.device) -> dict:
             dense(b)  # BN statistics from data, so pruning really perturbs the network
     dense.eval()
     masks = compute_masks(dense, allocate(dense, args.sparsity, Allocation("lamp")))
-    pruned = apply_masks(copy.deepcopy(dense), masks)
+    return dense, apply_masks(copy.deepcopy(dense), masks), masks, batches
+
+
+def measure(arch: str, args, device: torch.device) -> dict:
+    dense, pruned, masks, batches = setup(arch, args, device)
     best: dict[str, float] = {}
     shares: dict[str, float] = {}
     if args.flops:  # the same table, in FLOPs instead of seconds
@@ -126,6 +133,21 @@ def measure(arch: str, args, device: torch.device) -> dict:
                 model = copy.deepcopy(pruned)
                 keep(REPEATED, seconds(lambda m=model, d=target: repair(m, d, batches, "default", masks=masks), device))
     return {"best": best, "shares": shares}
+
+
+def profile(arch: str, args, device: torch.device) -> list[str]:
+    """Where one repair with ``args.profile`` spends its time: torch.profiler's operators, by self time, in F."""
+    dense, pruned, masks, batches = setup(arch, args, device)
+    f = min(calibration_forward_time(dense, batches) for _ in range(3))
+    repair(copy.deepcopy(pruned), copy.deepcopy(dense), batches, args.profile, masks=masks)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        repair(copy.deepcopy(pruned), copy.deepcopy(dense), batches, args.profile, masks=masks)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6
+    lines = [f"### {arch}, `{args.profile}` under torch.profiler: {total / f:.2f} F in all (F = {f:.3f} s; "
+             "the profiler's own overhead included)", "", "| operator | calls | self time |", "|---|---:|---:|"]
+    lines += [f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e6 / f:.2f} F |" for e in ops[:12]]
+    return lines + [""]
 
 
 def table(arch: str, result: dict, args) -> list[str]:
@@ -174,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="dtype of reconstruct's conv Gram products (accumulated in float64); auto: per device",
     )
+    parser.add_argument("--profile", choices=PRESETS, help="instead: one repair with this preset, by operator")
     parser.add_argument("--out", type=Path, help="also write the tables (Markdown) here")
     cost = parser.add_mutually_exclusive_group()
     cost.add_argument("--cpu-time", action="store_true", help="measure CPU time (with OMP_NUM_THREADS=1)")
@@ -191,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{torch.get_num_threads()} thread(s), Gram products in {str(products).removeprefix('torch.')}, "
              f"best of {args.repeats} alternating repeats", ""]  # fmt: skip
     for arch in args.archs:
-        lines += table(arch, measure(arch, args, device), args)
+        lines += profile(arch, args, device) if args.profile else table(arch, measure(arch, args, device), args)
         print("\n".join(lines), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

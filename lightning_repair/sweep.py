@@ -45,7 +45,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, pstdev
@@ -92,7 +92,12 @@ LOCK = ".results.lock"
 # results.csv columns and their types; the first five are a cell's key. Times are seconds: the cell's
 # phases, and the work its seed shares: one dense forward pass over the calibration batches and the RR
 # profile (0 when no allocation of the grid needs it).
-COLUMNS: dict[str, type] = {
+def optional_float(text: str = "") -> float | str:
+    """A results.csv number that only some cells have (empty in the others)."""
+    return float(text) if text else ""
+
+
+COLUMNS: dict[str, Callable[[str], Any]] = {
     "checkpoint": str, "allocation": str, "sparsity": float, "repair": str, "seed": int,
     "acc_dense": float, "acc_pruned": float, "acc_repaired": float,
     "top5_dense": float, "top5_pruned": float, "top5_repaired": float,
@@ -100,9 +105,11 @@ COLUMNS: dict[str, type] = {
     "time_allocation": float, "time_masking": float, "time_repair": float, "time_evaluation": float,
     "time_calibration_forward": float, "time_rr_profile": float,
     "test_samples": int, "calibration_samples": int, "state_sha256": str,
+    "search_chosen": str, "search_cost_f": optional_float,
 }  # fmt: skip
-# a results.csv written before state_sha256 was recorded: read with an empty digest, rewritten with the column
-OPTIONAL = ("state_sha256",)
+# columns added since the first results.csv, last: a results.csv written before them is read with them empty and
+# rewritten with them
+OPTIONAL = ("state_sha256", "search_chosen", "search_cost_f")
 KEY = ("checkpoint", "allocation", "sparsity", "repair", "seed")
 
 # Data options that change how a sweep runs but not its results: a sweep may resume with other values.
@@ -233,8 +240,9 @@ def read_results(path: Path) -> list[dict]:
         return []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        older = [k for k in COLUMNS if k not in OPTIONAL]
-        if reader.fieldnames not in (list(COLUMNS), older):
+        # the columns of this version, or of an older one: the same, without the last optional ones
+        versions = [list(COLUMNS)[: len(COLUMNS) - n] for n in range(len(OPTIONAL) + 1)]
+        if reader.fieldnames not in versions:
             raise ValueError(f"{path} has columns {reader.fieldnames}, expected {list(COLUMNS)}")
         rows = [{k: COLUMNS[k](row.get(k, "")) for k in COLUMNS} for row in reader]
     keys = [row_key(r) for r in rows]
@@ -451,6 +459,8 @@ def results_row(cell: Cell, record: dict) -> dict:
     row |= {f"time_{k[5:]}": timings.get(k[5:], 0.0) for k in COLUMNS if k.startswith("time_")}
     row |= {"test_samples": record["test_samples"], "calibration_samples": record["calibration_samples"],
             "state_sha256": record["state_sha256"]}  # fmt: skip
+    search = record.get("search") or {}  # allocation ``search``: the candidate it chose, its cost in F
+    row |= {"search_chosen": search.get("chosen", ""), "search_cost_f": search.get("cost_f", "")}
     return row
 
 

@@ -114,12 +114,29 @@ def test_search_cell_equals_a_fit_run_and_is_labelled_by_its_changed_options(tmp
     sweep.main(["--config", str(sweep_config(tmp_path, checkpoint, grid))])
     (row,) = results(tmp_path)
     assert row["allocation"] == 'search{"search":{"held_out_images":48,"max_candidates":4}}'
-    assert row["time_allocation"] > 0
+    assert row["time_allocation"] > 0 and row["search_cost_f"] > 0
     run_fit(write_config(tmp_path / "fit.yaml", pipeline_config(tmp_path, checkpoint, sparsity=0.9,
                                                                  allocation=search, repair="default")))  # fmt: skip
     metrics = read_metrics(tmp_path)
     assert metrics["accuracy"] == {k: row[f"acc_{k}"] for k in ("dense", "pruned", "repaired")}
     assert metrics["state_sha256"] == row["state_sha256"]
+    assert metrics["search"]["chosen"] == row["search_chosen"] != ""
+
+
+def test_results_of_an_older_version_are_read_with_the_newer_columns_empty(grid_sweep, tmp_path):
+    """A results.csv written before the optional columns existed (the last ones) resumes: read with them empty."""
+    _, _, complete = grid_sweep
+    assert all(r["search_chosen"] == "" and r["search_cost_f"] == "" for r in complete)  # no search cell
+    for dropped in (("search_chosen", "search_cost_f"), ("state_sha256", "search_chosen", "search_cost_f")):
+        path = tmp_path / f"results_{len(dropped)}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[k for k in COLUMNS if k not in dropped], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(complete)
+        assert read_results(path) == [r | dict.fromkeys(dropped, "") for r in complete]
+    path.write_text(path.read_text().replace("calibration_samples", "calibration_images", 1))
+    with pytest.raises(ValueError, match="has columns"):
+        read_results(path)
 
 
 def test_checkpoints_and_seeds_axes(tmp_path):
