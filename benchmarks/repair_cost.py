@@ -136,17 +136,25 @@ def measure(arch: str, args, device: torch.device) -> dict:
 
 
 def profile(arch: str, args, device: torch.device) -> list[str]:
-    """Where one repair with ``args.profile`` spends its time: torch.profiler's operators, by self time, in F."""
+    """Where one repair with ``args.profile`` spends its time: torch.profiler's operators, by self time (on a GPU,
+    the device's), in F."""
     dense, pruned, masks, batches = setup(arch, args, device)
     f = min(calibration_forward_time(dense, batches) for _ in range(3))
     repair(copy.deepcopy(pruned), copy.deepcopy(dense), batches, args.profile, masks=masks)  # warm-up
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":  # the kernels' own time on the device
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         repair(copy.deepcopy(pruned), copy.deepcopy(dense), batches, args.profile, masks=masks)
-    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in ops) / 1e6
-    lines = [f"### {arch}, `{args.profile}` under torch.profiler: {total / f:.2f} F in all (F = {f:.3f} s; "
-             "the profiler's own overhead included)", "", "| operator | calls | self time |", "|---|---:|---:|"]
-    lines += [f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e6 / f:.2f} F |" for e in ops[:12]]
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in ops) / 1e6
+    lines = [f"### {arch}, `{args.profile}` under torch.profiler: {total / f:.2f} F of operators' self time (F = "
+             f"{f:.3f} s, unprofiled; Python between operators not counted)", "",
+             "| operator | calls | self time | share |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| `{e.key}` | {e.count} | {getattr(e, key) / 1e6 / f:.2f} F | {getattr(e, key) / 1e6 / total:.1%} |"
+              for e in ops[:12]]  # fmt: skip
     return lines + [""]
 
 
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.images} images of {args.in_channels}x{args.image_size}x{args.image_size}, batch "
              f"{args.batch_size}, width {args.width}, LAMP {args.sparsity:.0%}, {device.type}, "
              f"{torch.get_num_threads()} thread(s), Gram products in {str(products).removeprefix('torch.')}, "
-             f"best of {args.repeats} alternating repeats", ""]  # fmt: skip
+             + ("one profiled repair after a warm-up" if args.profile else
+                f"best of {args.repeats} alternating repeats"), ""]  # fmt: skip
     for arch in args.archs:
         lines += profile(arch, args, device) if args.profile else table(arch, measure(arch, args, device), args)
         print("\n".join(lines), flush=True)
