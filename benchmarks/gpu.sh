@@ -3,7 +3,8 @@
 #   1. the quickstart (`lightning-repair fit --config configs/quickstart.yaml`) on one GPU, in float32 and with
 #      --trainer.precision bf16-mixed (which applies to evaluation only, never to the repair's statistics);
 #   2. benchmarks/repair_cost.py on ResNet-50 at 224 px with 1024 images, every preset, then `reconstruct` with its
-#      Gram products in float32 and in float64 (accumulation always float64), to check the per-device choice;
+#      Gram products in float32 and in float64 (accumulation always float64), to check the per-device choice, and
+#      `default` and `reconstruct` with their walks in channels-last, to check the per-device memory format;
 #   3. a 2-GPU DDP `lightning-repair evaluate` of the quickstart's repaired model.
 #
 #   benchmarks/gpu.sh [--out FILE]        on a CUDA machine (results: benchmarks/results/gpu_<host>_<date>.md)
@@ -114,6 +115,8 @@ for products in float32 float64; do
   step "repair_cost.py, reconstruct, Gram products in $products" \
     "$PY" benchmarks/repair_cost.py "${COST[@]}" --device "$DEVICE" --presets reconstruct --gram-products "$products"
 done
+step "repair_cost.py, default and reconstruct, walks in channels_last (the default on a GPU: the models' own format)" \
+  "$PY" benchmarks/repair_cost.py "${COST[@]}" --device "$DEVICE" --presets default reconstruct --walk-format channels_last
 WEIGHTS=$(find "$RUNS" -name repaired.pt | sort | head -n 1)
 if [ "$DDP_DEVICES" -ge 2 ]; then
   step "evaluate, 2 processes (DDP)" "$PY" -m lightning_repair.cli evaluate --config "$CONFIG" --weights "$WEIGHTS" \

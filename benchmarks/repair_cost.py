@@ -8,8 +8,11 @@ In one run, on one LAMP-pruned model and the same calibration batches, repeated 
 measurement alternating with the others (best of the repeats kept, so a burst of load on a shared machine hits
 all of them alike):
 
-- F: one eval-mode forward pass of the dense model over the calibration set;
-- the peer, ``torch.optim.swa_utils.update_bn``: one train-mode pass of the pruned model, cumulative averages;
+- F: one eval-mode forward pass of the dense model over the calibration set, in its own memory format (contiguous);
+  beside it, the same pass on a channels-last copy (the format a repair's walks run in on a CPU,
+  ``repair.walk_format``);
+- the peer, ``torch.optim.swa_utils.update_bn``: one train-mode pass of the pruned model, cumulative averages (and the
+  same on a channels-last copy);
 - each preset's repair time, as a multiple of F, beside its *floor*: the plain forward passes over the calibration
   set that its maths needs (1 F for a pruned-only walk, 2 F when the dense network is also read), and for
   ``bn_recalibration`` its ratio to ``update_bn``. For ``reconstruct`` also the time in its Gram statistics and solves;
@@ -19,11 +22,11 @@ all of them alike):
 
 Random weights with data-driven BN statistics: cost does not depend on what the network learned. With --cpu-time
 every duration is the process's CPU time instead of wall time (with OMP_NUM_THREADS=1, not inflated by other jobs on
-the machine); ``--mask RULE`` adds ``reconstruct`` with that mask selection, named ``reconstruct+RULE``, next to
-plain ``reconstruct``; ``--profile PRESET`` instead lists the operators one repair with PRESET spends its time in
-(torch.profiler, self time in F); with --flops it counts the floating-point operations of matrix products and
-convolutions instead (torch.utils.flop_counter; elementwise work and solves are not counted): the arithmetic a preset
-needs.
+the machine); ``--walk-format`` forces the memory format the walks run in (default: per device); ``--mask RULE``
+adds ``reconstruct`` with that mask selection, named ``reconstruct+RULE``, next to plain ``reconstruct``;
+``--profile PRESET`` instead lists the operators one repair with PRESET spends its time in (torch.profiler, self time
+in F); with --flops it counts the floating-point operations of matrix products and convolutions instead
+(torch.utils.flop_counter; elementwise work and solves are not counted): the arithmetic a preset needs.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ import torch
 from torch.optim.swa_utils import update_bn
 from torch.utils.flop_counter import FlopCounterMode
 
+import lightning_repair.repair as engine
 from lightning_repair import reconstruction
 from lightning_repair.allocation import Allocation, allocate
 from lightning_repair.evaluation import calibration_forward_time
 from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network
 from lightning_repair.repair import repair
+from lightning_repair.utils import in_memory_format
 
 PRESETS = ("bn_recalibration", "default", "asr", "reconstruct", "reconstruct_dense_bn", "reconstruct_ols")
 REPEATED = "default, repeated"
@@ -111,10 +116,14 @@ def measure(arch: str, args, device: torch.device) -> dict:
     def keep(name, value):
         best[name] = min(best.get(name, float("inf")), value)
 
+    channels_last = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     for _ in range(args.repeats):
         keep("F", calibration_forward_time(dense, batches))
+        keep("F channels-last", calibration_forward_time(in_memory_format(dense, torch.channels_last), channels_last))
         model = copy.deepcopy(pruned)
         keep("update_bn", seconds(lambda m=model: update_bn(batches, m), device))
+        model = in_memory_format(pruned, torch.channels_last)
+        keep("update_bn channels-last", seconds(lambda m=model: update_bn(channels_last, m), device))
         for preset, recipe in recipes(args).items():
             model, target = copy.deepcopy(pruned), copy.deepcopy(dense)  # a dense copy: no pass of it is reused
             report = None
@@ -161,13 +170,19 @@ def profile(arch: str, args, device: torch.device) -> list[str]:
 def table(arch: str, result: dict, args) -> list[str]:
     best, f = result["best"], result["best"]["F"]
     unit = f"{f / 1e9:.2f} GFLOP" if args.flops else f"{f:.3f} s"
-    lines = [f"### {arch}: F = {unit}, `update_bn` = {best['update_bn'] / f:.2f} F", "",
+    heading = f"### {arch}: F = {unit}, `update_bn` = {best['update_bn'] / f:.2f} F"
+    if "F channels-last" in best:
+        heading += (f" (on channels-last copies: a forward pass {best['F channels-last'] / f:.2f} F, `update_bn` "
+                    f"{best['update_bn channels-last'] / f:.2f} F)")  # fmt: skip
+    lines = [heading, "",
              "| preset | time | floor | time / floor | time / `update_bn` | Grams / solves |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for preset in recipes(args):
         t = best[preset] / f
         if preset == "bn_recalibration":
             peer = f"{best[preset] / best['update_bn']:.2f}x"
+            if "update_bn channels-last" in best:
+                peer += f" ({best[preset] / best['update_bn channels-last']:.2f}x channels-last)"
         elif ("+" in preset or preset == "reconstruct_ols") and "reconstruct" in best:
             # a mask selection: its cost next to plain reconstruct's
             peer = f"{best[preset] / best['reconstruct']:.2f}x `reconstruct`"
@@ -204,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="dtype of reconstruct's conv Gram products (accumulated in float64); auto: per device",
     )
+    parser.add_argument(
+        "--walk-format",
+        choices=("auto", "contiguous_format", "channels_last"),
+        default="auto",
+        help="the memory format the repair's walks run the networks in; auto: per device",
+    )
     parser.add_argument("--profile", choices=PRESETS, help="instead: one repair with this preset, by operator")
     parser.add_argument("--out", type=Path, help="also write the tables (Markdown) here")
     cost = parser.add_mutually_exclusive_group()
@@ -216,10 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.gram_products != "auto":
         reconstruction.PRODUCT_DTYPE = getattr(torch, args.gram_products)
     products = reconstruction.product_dtype(device)
+    if args.walk_format != "auto":
+        engine.WALK_FORMAT = getattr(torch, args.walk_format)
+    walks = str(engine.walk_format(device) or "the models' own format").removeprefix("torch.")
     lines = [f"`benchmarks/repair_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
              f"{args.images} images of {args.in_channels}x{args.image_size}x{args.image_size}, batch "
              f"{args.batch_size}, width {args.width}, LAMP {args.sparsity:.0%}, {device.type}, "
-             f"{torch.get_num_threads()} thread(s), Gram products in {str(products).removeprefix('torch.')}, "
+             f"{torch.get_num_threads()} thread(s), walks in {walks}, "
+             f"Gram products in {str(products).removeprefix('torch.')}, "
              + ("one profiled repair after a warm-up" if args.profile else
                 f"best of {args.repeats} alternating repeats"), ""]  # fmt: skip
     for arch in args.archs:

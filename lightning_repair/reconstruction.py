@@ -212,10 +212,22 @@ def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     (left, right, top, bottom), g, k = pads, conv.groups, conv.weight[0].numel()
     # the weight gradient pads symmetrically only
     xc, padding = (x, (top, left)) if (left, top) == (right, bottom) else (F.pad(x, pads), 0)
+    if conv.kernel_size == (1, 1) and conv.stride != (1, 1):
+        # oneDNN (torch 2.14.1, CPU) corrupts the heap forming a strided 1x1 conv's weight gradient from a
+        # channels-last input of 2-7 channels: these convs (a ResNet's projections, 1/9 of a 3x3's work) take theirs
+        # from contiguous tensors, on every device
+        xc, y = xc.contiguous(), y.contiguous()
     cross = sum(torch.nn.grad.conv2d_weight(a, conv.weight.shape, b, conv.stride, padding, conv.dilation, g).double()
                 for a, b in zip(xc.split(_CROSS_IMAGES), y.split(_CROSS_IMAGES), strict=True))  # fmt: skip
-    summed = F.unfold(F.pad(x.sum(0, keepdim=True), pads), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    return _conv_gram(conv, x, pads, y.shape[2:]), cross.view(g, -1, k).mT, summed.sum(2).view(g, k)
+    summed = F.unfold(F.pad(_image_sum(x), pads), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    return _conv_gram(conv, x, pads, y.shape[2:]), cross.reshape(g, -1, k).mT, summed.sum(2).view(g, k)
+
+
+def _image_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of the images ``x`` (1, C, H, W), read in ``x``'s own memory order: summed over images into another
+    order (a channels-last input into a contiguous sum), the reduction runs several times slower."""
+    order = sorted(range(1, x.dim()), key=lambda d: -x.stride(d))  # the image's dimensions, outermost first
+    return x.permute(0, *order).sum(0).permute(*(order.index(d) for d in range(1, x.dim())))[None]
 
 
 def _zero_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -254,7 +266,7 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     cols[: margin + left] = 0
     cols[margin + right :] = 0
     image = cols[margin + left : margin + right]
-    images_last = x.reshape(n, -1).T.contiguous().view(g, cg, h, w, n)  # then moving whole rows of images: fast
+    images_last = x.permute(1, 2, 3, 0).contiguous().view(g, cg, h, w, n)  # then moving whole rows of images: fast
     for r in range(sh):
         first_row = -(-(top - r) // sh)  # padded row r + sh*first_row is the image's row r + sh*first_row - top
         rows = images_last[:, :, r + sh * first_row - top :: sh]

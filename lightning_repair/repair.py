@@ -49,10 +49,21 @@ from .operators import (
 from .reconstruction import layer_statistics, reconstruct_layer
 from .stats import accumulate, channel_moments
 from .stores import STORES, Activations, ActivationStore, store_factory
-from .utils import eval_mode, timed
+from .utils import eval_mode, in_memory_format, timed
 
 _MIN_STREAM_GAIN = 1e-6  # a gain carried through the identity stream must stay positive
 _FORCE_DENSE_MODE: str | None = None  # tests: run every walk in this dense mode (``_dense_mode``) to compare them
+# the memory format walks run both networks in: None per device (``walk_format``); set to force one
+WALK_FORMAT: torch.memory_format | None = None
+
+
+def walk_format(device: torch.device) -> torch.memory_format | None:
+    """The memory format a walk runs the networks in on ``device``: channels-last on a CPU, where oneDNN's
+    convolutions run faster in it (benchmarks/repair_cost.py reports a channels-last forward pass beside F); on other
+    devices the models' own (None) until measured there (benchmarks/gpu.sh times both)."""
+    if WALK_FORMAT is not None:
+        return WALK_FORMAT
+    return torch.channels_last if device.type == "cpu" else None
 
 
 @dataclass
@@ -116,9 +127,18 @@ def repair(
     if masks is None:
         masks = {layer.name: layer.module.weight != 0 for layer in prunable_layers(pruned)}
     masks = {name: mask.to(torch.bool) for name, mask in masks.items()}
-    with eval_mode(pruned, dense), store_factory(activations, next(pruned.parameters()).device) as new_store:
+    device = next(pruned.parameters()).device
+    layout = walk_format(device)
+    # the walks repair a copy in ``layout`` (``pruned`` itself when it is in it already), whose values are copied back
+    # into ``pruned``'s own tensors once every walk has run
+    work = in_memory_format(pruned, layout)
+    with eval_mode(work, dense), store_factory(activations, device) as new_store:
         for walk in plan_walks(ops):
-            _Walk(pruned, dense, batches, walk, masks, report, new_store, _FORCE_DENSE_MODE).run(progress)
+            _Walk(work, dense, batches, walk, masks, report, new_store, layout, _FORCE_DENSE_MODE).run(progress)
+    if work is not pruned:
+        for mine, repaired in zip([*pruned.parameters(), *pruned.buffers()], [*work.parameters(), *work.buffers()],
+                                  strict=True):  # fmt: skip
+            mine.copy_(repaired)
     if any(op.reselects_masks for op in ops):
         report.masks = masks
     return report
@@ -168,11 +188,12 @@ class _Walk:
         masks,
         report: RepairReport,
         new_store,
+        layout: torch.memory_format | None = None,
         dense_mode: str | None = None,
     ):
-        self.ops, self.masks, self.report, self.batches = ops, masks, report, batches
+        self.ops, self.masks, self.report, self.batches, self.layout = ops, masks, report, batches, layout
+        self.dense = dense  # the caller's: what the dense logits are kept for (``dense_classifier_io``)
         self.mods_p: Modules = dict(pruned.named_modules())
-        self.mods_d: Modules = dict(dense.named_modules())
         self.nodes = list(trace(pruned).nodes)
         self.classifier = classifier_of(self.nodes, self.mods_p)
         self.recalibrate = any(op.recalibrate_bn for op in ops)
@@ -181,6 +202,10 @@ class _Walk:
         self.env_d: ActivationStore = new_store()  # the same, dense network
         self.scale: dict[fx.Node, torch.Tensor] = {}  # the pending scales (class docstring)
         self.dense_mode = dense_mode or _dense_mode(ops, self.nodes, self.mods_p, self.classifier)
+        # the dense network node by node in ``layout`` (a copy, so the caller's is untouched) only in lockstep
+        self.mods_d: Modules = dict(
+            (in_memory_format(dense, layout) if self.dense_mode == "lockstep" else dense).named_modules()
+        )
         report.walks.append([op.op for op in ops])
 
     def run(self, progress) -> None:
@@ -207,17 +232,16 @@ class _Walk:
             self._free(node, read_later)
 
     def _feed(self, node: fx.Node) -> None:
-        # clones: an in-place first op must not touch the caller's batches
-        self.env_p[node] = (b.clone() for b in self.batches)
+        self.env_p[node] = (_copy_in(b, self.layout) for b in self.batches)
         if self.dense_mode == "lockstep":
-            self.env_d[node] = (b.clone() for b in self.batches)
+            self.env_d[node] = (_copy_in(b, self.layout) for b in self.batches)
         elif self.dense_mode == "classifier":
             self._dense_classifier()
 
     def _dense_classifier(self) -> None:
         (node,) = [n for n in self.nodes if n.op == "call_module" and n.target == self.classifier]
         self.env_d[node.args[0]], self.env_d[node] = dense_classifier_io(
-            self.mods_d[""], self.mods_d[self.classifier], self.batches
+            self.dense, self.classifier, self.batches, self.layout
         )
 
     def _check_output(self, node: fx.Node) -> None:
@@ -387,10 +411,11 @@ _CLASSIFIER_IO: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDic
 
 
 def dense_classifier_io(
-    dense: nn.Module, classifier: nn.Module, batches: list[torch.Tensor]
+    dense: nn.Module, classifier: str, batches: list[torch.Tensor], layout: torch.memory_format | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per batch, the input and output of ``dense``'s ``classifier``: one plain forward pass of ``dense``, or none
-    when the same dense network last ran on the same batches, all unchanged (``_CLASSIFIER_IO``)."""
+    """Per batch, the input and output of ``dense``'s module ``classifier``: one plain forward pass of ``dense`` (of
+    a copy in ``layout``, if given), or none when the same dense network last ran on the same batches, all
+    unchanged (``_CLASSIFIER_IO``)."""
     sources = [*dense.parameters(), *dense.buffers(), *batches]
     kept = _CLASSIFIER_IO.get(dense)
     if kept is not None:
@@ -403,14 +428,20 @@ def dense_classifier_io(
         inputs.append(args[0].clone())
         outputs.append(output.clone())
 
-    handle = classifier.register_forward_hook(keep)
+    network = in_memory_format(dense, layout)
+    handle = network.get_submodule(classifier).register_forward_hook(keep)
     try:
         for b in batches:
-            dense(b.clone())
+            network(_copy_in(b, layout))
     finally:
         handle.remove()
     _CLASSIFIER_IO[dense] = (_state(sources), _state(inputs + outputs), inputs, outputs)
     return inputs, outputs
+
+
+def _copy_in(batch: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+    """A copy of ``batch`` (an in-place first op must not touch the caller's), an image batch in ``layout``."""
+    return batch.clone(memory_format=layout) if layout is not None and batch.dim() == 4 else batch.clone()
 
 
 def _state(tensors: list[torch.Tensor]) -> list[tuple]:

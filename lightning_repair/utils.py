@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -36,3 +38,12 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
 def is_real(value) -> bool:
     """An int or a float, not a bool (which Python counts as an int); NaN and infinities included."""
     return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def in_memory_format(model: nn.Module, memory_format: torch.memory_format | None) -> nn.Module:
+    """``model`` itself when ``memory_format`` is None or every 4-d parameter and buffer is in it already, else a
+    copy with them in it (``model`` is not changed)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4]
+    if memory_format is None or all(t.is_contiguous(memory_format=memory_format) for t in tensors):
+        return model
+    return copy.deepcopy(model).to(memory_format=memory_format)

@@ -22,7 +22,7 @@ def test_gpu_script_smoke_mode_runs_every_step(tmp_path):
     assert "cpu Gram products torch.float32" in text
     sections = text.split("\n## ")[1:]
     titles = [s.splitlines()[0] for s in sections]
-    assert len(titles) == 8, titles
+    assert len(titles) == 9, titles
     body = dict(zip(titles, sections, strict=True))
     first, second = (body[t] for t in titles if t.startswith("quickstart, ") and "recorded" not in t)
     assert "accuracy  dense" in first and "reusing" not in first
@@ -36,4 +36,6 @@ def test_gpu_script_smoke_mode_runs_every_step(tmp_path):
     for products in ("float32", "float64"):
         table = next(body[t] for t in titles if t.endswith(f"Gram products in {products}"))
         assert f"Gram products in {products}," in table and "| `reconstruct` |" in table
+    walks = next(body[t] for t in titles if "walks in channels_last" in t)
+    assert "walks in channels_last," in walks and "| `default` |" in walks and "| `reconstruct` |" in walks
     assert "top-1" in body["evaluate, 2 processes (DDP)"]

@@ -291,6 +291,8 @@ STATISTICS_CONVS = {  # (conv, input height and width): strides, dilations, grou
     ),
     "pointwise": (dict(in_channels=6, out_channels=4, kernel_size=1), (5, 5)),
     "pointwise_stride": (dict(in_channels=3, out_channels=4, kernel_size=1, stride=2), (7, 6)),
+    # the shape whose weight gradient oneDNN cannot form from a channels-last input (``_conv_sums``)
+    "pointwise_stride_few_channels": (dict(in_channels=4, out_channels=8, kernel_size=1, stride=2), (28, 28)),
     "stride_2_padded_odd": (dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), (9, 7)),
     "stride_3_dilation_2": (
         dict(in_channels=2, out_channels=3, kernel_size=3, stride=(3, 2), dilation=2, padding=(2, 1)),
@@ -307,18 +309,21 @@ STATISTICS_CONVS = {  # (conv, input height and width): strides, dilations, grou
 }
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("one_image_per_slice", [False, True])
 @pytest.mark.parametrize("kind", sorted(STATISTICS_CONVS))
-def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_slice, monkeypatch):
+def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_slice, layout, monkeypatch):
     """The kernel-offset Gram, cross term and sums equal X^T X, X^T Y and the sums of explicitly built patches,
-    whether a chunk is multiplied whole (its cross term image by image) or image by image."""
+    whether a chunk is multiplied whole (its cross term image by image) or image by image, and whatever the
+    activations' memory format."""
     monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS" if one_image_per_slice else "_CROSS_IMAGES", 1)
     torch.manual_seed(3)
     config, size = STATISTICS_CONVS[kind]
     conv = nn.Conv2d(**config).double()
     x = torch.randn(3, conv.in_channels, *size, dtype=torch.float64)
     y = torch.randn_like(conv(x))
-    stats = layer_statistics(conv, [x[:2], x[2:]], [y[:2], y[2:]])
+    chunks = [t.contiguous(memory_format=layout) for t in (x[:2], x[2:], y[:2], y[2:])]
+    stats = layer_statistics(conv, chunks[:2], chunks[2:])
     patches = explicit_patches(conv, x)  # (N, out_h, out_w, C, kh, kw)
     g, per_group_in, per_group_out = conv.groups, conv.in_channels // conv.groups, conv.out_channels // conv.groups
     for group in range(g):

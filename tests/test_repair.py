@@ -287,6 +287,31 @@ def test_a_repeated_repair_reuses_the_dense_logits_only_while_nothing_changed(de
     assert changed == repaired(copy.deepcopy(dense), batches)
 
 
+@pytest.mark.parametrize("preset", ["default", "reconstruct"])
+def test_the_walk_format_changes_the_speed_not_the_result(dense, batches, preset, monkeypatch):
+    """On a CPU the walks run channels-last copies of the networks: the repaired model equals a repair in the models'
+    own format up to float rounding, it is written back into the caller's own tensors (same objects, storage and
+    format), and the dense network is not touched."""
+    pruned, masks = pruned_copy(dense, 0.9)
+    assert repair_module.walk_format(torch.device("cpu")) == torch.channels_last
+    own_format = copy.deepcopy(pruned)
+    monkeypatch.setattr(repair_module, "WALK_FORMAT", torch.contiguous_format)
+    repair(own_format, dense, batches, preset, masks=masks)
+    monkeypatch.setattr(repair_module, "WALK_FORMAT", None)
+    tensors = [(t, t.data_ptr()) for t in (*pruned.parameters(), *pruned.buffers())]
+    dense_state = [(t.data_ptr(), t._version) for t in (*dense.parameters(), *dense.buffers())]
+    dense_values = state_digest(dense.state_dict())
+    repair(pruned, dense, batches, preset, masks=masks)
+    assert [(t, t.data_ptr()) for t in (*pruned.parameters(), *pruned.buffers())] == tensors
+    assert all(t.is_contiguous() for t in pruned.parameters())
+    assert [(t.data_ptr(), t._version) for t in (*dense.parameters(), *dense.buffers())] == dense_state
+    assert state_digest(dense.state_dict()) == dense_values
+    a, b = _params(pruned), _params(own_format)
+    assert state_digest(pruned.state_dict()) != state_digest(own_format.state_dict())  # the layout did change the walk
+    for k in a:  # float32 sums in another order, compounded over the progressive sites
+        assert (a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-6) < 1e-3, k
+
+
 def test_batching_does_not_change_the_result(dense, batches):
     one, _ = pruned_copy(dense)
     many = copy.deepcopy(one)
@@ -507,7 +532,8 @@ def test_channel_moments_over_chunks_of_different_image_sizes():
 
 def test_channel_moments_match_float64_also_when_the_mean_dwarfs_the_spread():
     """The walk's per-channel BN statistics against float64 on the whole set: a channel with mean 1e4 and std 1
-    keeps its variance to 1e-5 relative (raw float32 squares would lose it entirely), whatever the batching."""
+    keeps its variance to 1e-5 relative (raw float32 squares would lose it entirely), whatever the batching and the
+    memory format."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, 5, 5, generator=g, dtype=torch.float64)
     x[:, 1] += 1e4
@@ -515,7 +541,7 @@ def test_channel_moments_match_float64_also_when_the_mean_dwarfs_the_spread():
     x = x.float().double()  # the data as the walk sees it
     reference_var = x.transpose(0, 1).flatten(1).var(1, unbiased=False)
     reference_mean = x.transpose(0, 1).flatten(1).mean(1)
-    for chunks in (list(x.float().split(7)), [x.float()]):
+    for chunks in (list(x.float().split(7)), [x.float()], [x.float().contiguous(memory_format=torch.channels_last)]):
         m = repair_module.channel_moments(chunks)
         assert int(m.count) == 40 * 25
         assert torch.allclose(m.mean[0], reference_mean, rtol=1e-9, atol=1e-6)  # std 1: 1e-6 of the spread

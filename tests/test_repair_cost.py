@@ -27,6 +27,12 @@ def test_the_table_times_default_cold_and_repeated(tmp_path):
     assert "best of 1 alternating repeats" in text
     assert "| `bn_recalibration` |" in text and "| `default` |" in text
     assert "`default` repeated against the same dense network and batches" in text
+    assert "walks in channels_last" in text and "(on channels-last copies: a forward pass" in text
+
+
+def test_the_walk_format_can_be_forced(tmp_path):
+    text = run(tmp_path, "--repeats", "1", "--presets", "default", "--walk-format", "contiguous_format")
+    assert "walks in contiguous_format" in text and "| `default` |" in text
 
 
 def test_the_profile_lists_a_repairs_operators_in_f(tmp_path):
