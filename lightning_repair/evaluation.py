@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -44,11 +45,20 @@ def evaluate(
         if layout is not None:
             model.to(memory_format=layout)
         with torch.inference_mode(), torch.autocast(device.type, MIXED.get(precision), enabled=precision in MIXED):
-            for images, labels in progress(loader) if progress else loader:
-                images = images.to(device, non_blocking=cuda)
-                if layout is not None and images.dim() == 4:
-                    images = images.contiguous(memory_format=layout)
-                counts += _counts(model, images, labels.to(device))
+            for index, (images, labels) in enumerate(progress(loader) if progress else loader):
+                images, labels = images.to(device, non_blocking=cuda), labels.to(device)
+                try:
+                    counts += _counts(model, _in_layout(images, layout), labels)
+                except RuntimeError as error:
+                    if layout is None or index > 0:
+                        raise
+                    # e.g. a forward that calls .view on a conv activation: its own format from the first batch on
+                    warnings.warn(f"evaluation: the model does not run channels-last ({error}): evaluating it in "
+                                  "its own memory format", stacklevel=2)  # fmt: skip
+                    with torch.inference_mode(False):  # else its parameters become inference tensors
+                        model.to(memory_format=torch.contiguous_format)
+                    layout = None
+                    counts += _counts(model, images, labels)
     finally:
         if layout is not None:
             model.to(memory_format=torch.contiguous_format)
@@ -64,6 +74,10 @@ def evaluate(
     if seen == 0:
         raise ValueError("evaluation saw no test sample: the test loader is empty")
     return {"top1": top1 / seen, "top5": top5 / seen, "samples": int(seen)}
+
+
+def _in_layout(images: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+    return images.contiguous(memory_format=layout) if layout is not None and images.dim() == 4 else images
 
 
 def _counts(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,9 @@ A walk holds live activations only (stores.py): about one dense plus one pruned 
 Consecutive operators share a walk when that is exact (``operators.plan_walks``: a later operator that acts only at
 the classifier, the last site, joins the walk before it; ``default`` is one walk); any other starts a walk of its own.
 
+On a CPU the walks run channels-last copies of both networks, the layout oneDNN's convolutions are fastest in
+(``walk_format``); the repaired values are copied back into the caller's tensors.
+
 Every correction is folded into the model's own parameters, so the repaired model is a plain model of the same
 architecture. Operators with ``recalibrate_bn`` make the walk recalibrate every BatchNorm as it reaches it, before
 correcting anything after it: a correction is computed on a recalibrated network, and no later recalibration undoes
@@ -14,6 +17,7 @@ or repeats it.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,25 +124,39 @@ def repair(
     if activations not in STORES:
         raise ValueError(f"repair: activations {activations!r} is not one of {tuple(STORES)}")
     ops = parse_recipe(recipe)
-    report = RepairReport()
     if not ops:
-        return report
+        return RepairReport()
     batches = _checked_batches(batches, next(pruned.parameters()).dtype)
     if masks is None:
         masks = {layer.name: layer.module.weight != 0 for layer in prunable_layers(pruned)}
     masks = {name: mask.to(torch.bool) for name, mask in masks.items()}
-    device = next(pruned.parameters()).device
-    layout = walk_format(device)
+    layout = walk_format(next(pruned.parameters()).device)
     # the walks repair a copy in ``layout`` (``pruned`` itself when it is in it already), whose values are copied back
     # into ``pruned``'s own tensors once every walk has run
     work = in_memory_format(pruned, layout)
-    with eval_mode(work, dense), store_factory(activations, device) as new_store:
-        for walk in plan_walks(ops):
-            _Walk(work, dense, batches, walk, masks, report, new_store, layout, _FORCE_DENSE_MODE).run(progress)
+    try:
+        report = _walks(work, dense, batches, ops, dict(masks), progress, activations, layout)
+    except RuntimeError as error:
+        if work is pruned:  # already the model's own format
+            raise
+        # e.g. a forward that calls .view on a conv activation: the copy is dropped, ``pruned`` is untouched
+        warnings.warn(f"repair: the model does not run in {layout} ({error}): repairing it in its own memory format",
+                      stacklevel=3)  # fmt: skip
+        work = pruned
+        report = _walks(pruned, dense, batches, ops, dict(masks), progress, activations, None)
     if work is not pruned:
         for mine, repaired in zip([*pruned.parameters(), *pruned.buffers()], [*work.parameters(), *work.buffers()],
                                   strict=True):  # fmt: skip
             mine.copy_(repaired)
+    return report
+
+
+def _walks(pruned, dense, batches, ops, masks, progress, activations, layout) -> RepairReport:
+    """Every walk of the recipe ``ops`` over ``pruned`` (repaired in place); ``masks`` may be re-selected."""
+    report = RepairReport()
+    with eval_mode(pruned, dense), store_factory(activations, next(pruned.parameters()).device) as new_store:
+        for walk in plan_walks(ops):
+            _Walk(pruned, dense, batches, walk, masks, report, new_store, layout, _FORCE_DENSE_MODE).run(progress)
     if any(op.reselects_masks for op in ops):
         report.masks = masks
     return report

@@ -215,3 +215,45 @@ def test_a_forward_with_more_than_one_input_is_refused_naming_them():
     """The engine feeds one batch of images: a second input (even with a default) would silently get images too."""
     with pytest.raises(UntraceableModelError, match=r"TwoInputs.forward takes 2 inputs \(x, scale\).*wrap it"):
         prune_and_repair(TwoInputs().eval(), [torch.randn(4, 3, 8, 8)], 0.5, "lamp", "default")
+
+
+class ViewFlatten(nn.Module):
+    """A LeNet-style forward: ``.view`` flattens a conv activation, which a channels-last tensor cannot do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        return self.fc(y.view(y.size(0), -1))
+
+
+@pytest.mark.parametrize("preset", ["default", "reconstruct"])
+def test_a_model_that_cannot_run_channels_last_is_repaired_and_evaluated_in_its_own_format(preset, monkeypatch):
+    """On a CPU the walks and the evaluation run channels-last; a forward that cannot (``.view`` of a conv activation)
+    is run in its own memory format instead, with a warning that names the error, and gives that format's results."""
+    import lightning_repair.repair as engine
+
+    torch.manual_seed(0)
+    dense = ViewFlatten().train()
+    with torch.no_grad():
+        dense(torch.randn(32, 3, 6, 6))
+    dense.eval()
+    batches = [torch.randn(16, 3, 6, 6) for _ in range(2)]
+    pruned = prune_and_repair(dense, batches, 0.5, "lamp", []).model
+    masks = {layer.name: layer.module.weight != 0 for layer in prunable_layers(pruned)}
+    with pytest.warns(UserWarning, match=r"does not run in torch.channels_last \(view size is not compatible"):
+        ours = prune_and_repair(dense, batches, 0.5, "lamp", preset).model
+    monkeypatch.setattr(engine, "WALK_FORMAT", torch.contiguous_format)
+    own = prune_and_repair(dense, batches, 0.5, "lamp", preset).model
+    for a, b in zip(ours.state_dict().values(), own.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all((ours.get_submodule(name).weight != 0).le(mask).all() for name, mask in masks.items())
+    test = [(torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.warns(UserWarning, match="evaluation: the model does not run channels-last"):
+        result = evaluate(ours, test)
+    logits = torch.cat([ours(x) for x, _ in test])
+    labels = torch.cat([y for _, y in test])
+    assert result["top1"] == (logits.argmax(1) == labels).float().mean().item()
+    assert all(p.is_contiguous() for p in ours.parameters())
