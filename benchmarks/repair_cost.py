@@ -48,7 +48,6 @@ from lightning_repair.evaluation import calibration_forward_time
 from lightning_repair.masks import apply_masks, compute_masks
 from lightning_repair.models import Network
 from lightning_repair.repair import repair
-from lightning_repair.utils import in_memory_format
 
 PRESETS = ("bn_recalibration", "default", "asr", "reconstruct", "reconstruct_dense_bn", "reconstruct_ols")
 REPEATED = "default, repeated"
@@ -119,10 +118,11 @@ def measure(arch: str, args, device: torch.device) -> dict:
     channels_last = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     for _ in range(args.repeats):
         keep("F", calibration_forward_time(dense, batches))
-        keep("F channels-last", calibration_forward_time(in_memory_format(dense, torch.channels_last), channels_last))
+        model = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+        keep("F channels-last", calibration_forward_time(model, channels_last))
         model = copy.deepcopy(pruned)
         keep("update_bn", seconds(lambda m=model: update_bn(batches, m), device))
-        model = in_memory_format(pruned, torch.channels_last)
+        model = copy.deepcopy(pruned).to(memory_format=torch.channels_last)
         keep("update_bn channels-last", seconds(lambda m=model: update_bn(channels_last, m), device))
         for preset, recipe in recipes(args).items():
             model, target = copy.deepcopy(pruned), copy.deepcopy(dense)  # a dense copy: no pass of it is reused

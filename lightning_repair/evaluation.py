@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .utils import InMemoryFormat, is_layout_error
+
 MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's precision names
 
 
@@ -30,7 +32,7 @@ def evaluate(
     and the counts (not the accuracies) are summed, so every test sample counts exactly once.
 
     Runs under ``torch.inference_mode``, a convolutional model in channels-last memory format (1.5x faster on a
-    CPU, and on GPUs with tensor cores; the model is given back in its usual format), on a GPU under autocast when
+    CPU, and on GPUs with tensor cores; the model is given back in its own tensors), on a GPU under autocast when
     ``precision`` is ``bf16-mixed`` or ``16-mixed`` (``evaluation_precision``); a batch that does not fit in GPU
     memory is evaluated in halves (the counts are the same). Non-finite logits raise FloatingPointError on
     every process after the sum, so no process is left waiting in a collective for one that stopped."""
@@ -42,26 +44,23 @@ def evaluate(
     precision = evaluation_precision(precision, device)
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # correct top-1, correct top-5, seen, non-finite
     try:
-        if layout is not None:
-            model.to(memory_format=layout)
-        with torch.inference_mode(), torch.autocast(device.type, MIXED.get(precision), enabled=precision in MIXED):
+        with InMemoryFormat(layout, model) as swap, torch.inference_mode(), torch.autocast(
+            device.type, MIXED.get(precision), enabled=precision in MIXED
+        ):
             for index, (images, labels) in enumerate(progress(loader) if progress else loader):
                 images, labels = images.to(device, non_blocking=cuda), labels.to(device)
                 try:
-                    counts += _counts(model, _in_layout(images, layout), labels)
+                    counts += _counts(model, _in_layout(images, swap.memory_format), labels)
                 except RuntimeError as error:
-                    if layout is None or index > 0:
+                    if swap.memory_format is None or index > 0 or not is_layout_error(error):
                         raise
                     # e.g. a forward that calls .view on a conv activation: its own format from the first batch on
                     warnings.warn(f"evaluation: the model does not run channels-last ({error}): evaluating it in "
                                   "its own memory format", stacklevel=2)  # fmt: skip
-                    with torch.inference_mode(False):  # else its parameters become inference tensors
-                        model.to(memory_format=torch.contiguous_format)
-                    layout = None
+                    swap.undo()
+                    swap.memory_format = None
                     counts += _counts(model, images, labels)
     finally:
-        if layout is not None:
-            model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)

@@ -6,8 +6,8 @@ A walk holds live activations only (stores.py): about one dense plus one pruned 
 Consecutive operators share a walk when that is exact (``operators.plan_walks``: a later operator that acts only at
 the classifier, the last site, joins the walk before it; ``default`` is one walk); any other starts a walk of its own.
 
-On a CPU the walks run channels-last copies of both networks, the layout oneDNN's convolutions are fastest in
-(``walk_format``); the repaired values are copied back into the caller's tensors.
+On a CPU the walks run both networks channels-last, the layout oneDNN's convolutions are fastest in (``walk_format``),
+their weights swapped into it for the repair and back into their own tensors after (``utils.InMemoryFormat``).
 
 Every correction is folded into the model's own parameters, so the repaired model is a plain model of the same
 architecture. Operators with ``recalibrate_bn`` make the walk recalibrate every BatchNorm as it reaches it, before
@@ -53,7 +53,7 @@ from .operators import (
 from .reconstruction import layer_statistics, reconstruct_layer
 from .stats import accumulate, channel_moments
 from .stores import STORES, Activations, ActivationStore, store_factory
-from .utils import eval_mode, in_memory_format, timed
+from .utils import InMemoryFormat, eval_mode, is_layout_error, timed
 
 _MIN_STREAM_GAIN = 1e-6  # a gain carried through the identity stream must stay positive
 _FORCE_DENSE_MODE: str | None = None  # tests: run every walk in this dense mode (``_dense_mode``) to compare them
@@ -131,24 +131,17 @@ def repair(
         masks = {layer.name: layer.module.weight != 0 for layer in prunable_layers(pruned)}
     masks = {name: mask.to(torch.bool) for name, mask in masks.items()}
     layout = walk_format(next(pruned.parameters()).device)
-    # the walks repair a copy in ``layout`` (``pruned`` itself when it is in it already), whose values are copied back
-    # into ``pruned``'s own tensors once every walk has run
-    work = in_memory_format(pruned, layout)
+    swap = InMemoryFormat(layout, pruned)  # the walks repair ``pruned`` with its weights swapped into ``layout``
     try:
-        report = _walks(work, dense, batches, ops, dict(masks), progress, activations, layout)
+        with swap:
+            return _walks(pruned, dense, batches, ops, dict(masks), progress, activations, layout)
     except RuntimeError as error:
-        if work is pruned:  # already the model's own format
+        if not (swap.changed and is_layout_error(error)):  # a layout refused, else any error is the repair's own
             raise
-        # e.g. a forward that calls .view on a conv activation: the copy is dropped, ``pruned`` is untouched
+        # e.g. a forward that calls .view on a conv activation; the swap dropped the walks' changes
         warnings.warn(f"repair: the model does not run in {layout} ({error}): repairing it in its own memory format",
                       stacklevel=3)  # fmt: skip
-        work = pruned
-        report = _walks(pruned, dense, batches, ops, dict(masks), progress, activations, None)
-    if work is not pruned:
-        for mine, repaired in zip([*pruned.parameters(), *pruned.buffers()], [*work.parameters(), *work.buffers()],
-                                  strict=True):  # fmt: skip
-            mine.copy_(repaired)
-    return report
+        return _walks(pruned, dense, batches, ops, dict(masks), progress, activations, None)
 
 
 def _walks(pruned, dense, batches, ops, masks, progress, activations, layout) -> RepairReport:
@@ -220,13 +213,16 @@ class _Walk:
         self.env_d: ActivationStore = new_store()  # the same, dense network
         self.scale: dict[fx.Node, torch.Tensor] = {}  # the pending scales (class docstring)
         self.dense_mode = dense_mode or _dense_mode(ops, self.nodes, self.mods_p, self.classifier)
-        # the dense network node by node in ``layout`` (a copy, so the caller's is untouched) only in lockstep
-        self.mods_d: Modules = dict(
-            (in_memory_format(dense, layout) if self.dense_mode == "lockstep" else dense).named_modules()
-        )
+        self.mods_d: Modules = dict(dense.named_modules())
         report.walks.append([op.op for op in ops])
 
     def run(self, progress) -> None:
+        # the dense network runs node by node in the walk's layout only in lockstep (``dense_classifier_io`` swaps
+        # its own); it is given back unchanged, in its own tensors
+        with InMemoryFormat(self.layout if self.dense_mode == "lockstep" else None, self.dense):
+            self._run(progress)
+
+    def _run(self, progress) -> None:
         last_use = {inp: i for i, node in enumerate(self.nodes) for inp in node.all_input_nodes}
         for index, node in enumerate(progress(self.nodes) if progress else self.nodes):
             if node.op == "placeholder":
@@ -431,8 +427,8 @@ _CLASSIFIER_IO: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDic
 def dense_classifier_io(
     dense: nn.Module, classifier: str, batches: list[torch.Tensor], layout: torch.memory_format | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per batch, the input and output of ``dense``'s module ``classifier``: one plain forward pass of ``dense`` (of
-    a copy in ``layout``, if given), or none when the same dense network last ran on the same batches, all
+    """Per batch, the input and output of ``dense``'s module ``classifier``: one plain forward pass of ``dense`` (in
+    ``layout``, if given), or none when the same dense network last ran on the same batches, all
     unchanged (``_CLASSIFIER_IO``)."""
     sources = [*dense.parameters(), *dense.buffers(), *batches]
     kept = _CLASSIFIER_IO.get(dense)
@@ -446,11 +442,11 @@ def dense_classifier_io(
         inputs.append(args[0].clone())
         outputs.append(output.clone())
 
-    network = in_memory_format(dense, layout)
-    handle = network.get_submodule(classifier).register_forward_hook(keep)
+    handle = dense.get_submodule(classifier).register_forward_hook(keep)
     try:
-        for b in batches:
-            network(_copy_in(b, layout))
+        with InMemoryFormat(layout, dense):  # its own tensors back before their state is kept
+            for b in batches:
+                dense(_copy_in(b, layout))
     finally:
         handle.remove()
     _CLASSIFIER_IO[dense] = (_state(sources), _state(inputs + outputs), inputs, outputs)

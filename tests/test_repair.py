@@ -312,6 +312,25 @@ def test_the_walk_format_changes_the_speed_not_the_result(dense, batches, preset
         assert (a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-6) < 1e-3, k
 
 
+def test_a_repair_that_raises_leaves_the_pruned_model_as_it_was(dense, batches):
+    """The walks repair the pruned model's weights swapped into channels-last: an error midway (here from the
+    progress wrapper) drops their changes, so no half-repaired model is left, and nothing is run a second time."""
+    pruned, masks = pruned_copy(dense, 0.9)
+    before = state_digest(pruned.state_dict())
+    walked = []
+
+    def fail_midway(nodes):
+        for i, node in enumerate(nodes):
+            walked.append(node)
+            if i == 40:
+                raise RuntimeError("interrupted")
+            yield node
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        repair(pruned, dense, batches, "reconstruct", masks=masks, progress=fail_midway)
+    assert state_digest(pruned.state_dict()) == before and len(walked) == 41
+
+
 def test_batching_does_not_change_the_result(dense, batches):
     one, _ = pruned_copy(dense)
     many = copy.deepcopy(one)
