@@ -120,6 +120,10 @@ def repair(
     models' ``device``; in ``host`` memory, each chunk moved to the device only while a node runs on it (device
     memory then does not grow with the calibration set); or on ``disk``, in a temporary directory deleted when the
     repair ends (nor does host memory). The repaired model is the same bit for bit.
+
+    The walks run the models in ``walk_format(device)`` (channels-last on a CPU), their tensors swapped into it and
+    given back after, so there a repair that raises leaves ``pruned`` as it was; a forward that refuses that layout
+    (a ``.view`` of a conv activation) is repaired in the models' own format instead, with a warning.
     """
     if activations not in STORES:
         raise ValueError(f"repair: activations {activations!r} is not one of {tuple(STORES)}")
