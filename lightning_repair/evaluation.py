@@ -50,15 +50,15 @@ def evaluate(
             for index, (images, labels) in enumerate(progress(loader) if progress else loader):
                 images, labels = images.to(device, non_blocking=cuda), labels.to(device)
                 try:
-                    counts += _counts(model, _in_layout(images, swap.memory_format), labels)
+                    counts += _counts(model, _in_layout(images, layout), labels)
                 except RuntimeError as error:
-                    if swap.memory_format is None or index > 0 or not is_layout_error(error):
+                    if layout is None or index > 0 or not is_layout_error(error):
                         raise
                     # e.g. a forward that calls .view on a conv activation: its own format from the first batch on
                     warnings.warn(f"evaluation: the model does not run channels-last ({error}): evaluating it in "
                                   "its own memory format", stacklevel=2)  # fmt: skip
                     swap.undo()
-                    swap.memory_format = None
+                    layout = None
                     counts += _counts(model, images, labels)
     finally:
         model.train(was_training)
