@@ -32,9 +32,10 @@ from torch import nn
 from .stats import all_reduce_sum, world_size
 
 _CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
-# images per call of a conv's weight gradient (its cross term, ``_conv_sums``): its float32 sums add the images one
-# after another, so their rounding grows with the images per call (16: a few times a matrix product's)
-_CROSS_IMAGES = 16
+# output rows (images x rows per image) per call of a conv's weight gradient (its cross term, ``_conv_sums``): its
+# float32 sums add the images' output rows one after another, so their rounding grows with images x rows, not with
+# the columns (256: 9 images of 28 rows, 64 of 4; tests/test_reconstruction.py bounds it)
+_CROSS_ROWS = 256
 _CONV_SLICE_ELEMENTS = 1 << 22  # input laid out by columns at once (16 MB): faster than whole chunks on CPU
 
 
@@ -217,8 +218,9 @@ def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
         # channels-last input of 2-7 channels: these convs (a ResNet's projections, 1/9 of a 3x3's work) take theirs
         # from contiguous tensors, on every device
         xc, y = xc.contiguous(), y.contiguous()
+    images = max(1, _CROSS_ROWS // y.shape[2])  # per call
     cross = sum(torch.nn.grad.conv2d_weight(a, conv.weight.shape, b, conv.stride, padding, conv.dilation, g).double()
-                for a, b in zip(xc.split(_CROSS_IMAGES), y.split(_CROSS_IMAGES), strict=True))  # fmt: skip
+                for a, b in zip(xc.split(images), y.split(images), strict=True))  # fmt: skip
     summed = F.unfold(F.pad(_image_sum(x), pads), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
     return _conv_gram(conv, x, pads, y.shape[2:]), cross.reshape(g, -1, k).mT, summed.sum(2).view(g, k)
 
@@ -246,9 +248,14 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     for one row offset di, each input column b is multiplied with its partner columns b + dj*dw, every dj at once,
     rows and images summed inside the product; the rows are split into bands read by the same kernel rows, each band
     multiplied once and added to every kernel row that reads it. A kernel position's block is its kernel row's sum
-    over the columns it reads. With zero padding, rows and columns that are padding in either factor are left out
-    (their products are 0). About (kw + (kh - 1)(2 kw - 1)) (C/g)^2 multiply-adds per input position: 13/81 of the
-    unfolded Gram's for a 3x3 kernel.
+    over the columns it reads. With zero padding, rows that are padding in either factor are left out and padding
+    columns are zeros (their products are 0). About (kw + (kh - 1)(2 kw - 1)) (C/g)^2 multiply-adds per input
+    position: 13/81 of the unfolded Gram's for a 3x3 kernel.
+
+    The input is laid out once, channels innermost (``_column_layout``): then a column's channels, and its whole
+    window of partner columns, are each one contiguous run, so every product's factors are strided views of that
+    one copy (a batched product over the columns) and no factor is copied; from a channels-last input the layout is
+    a copy of whole image rows.
     """
     (kh, kw), (dh, dw), (sh, sw), g = conv.kernel_size, conv.dilation, conv.stride, conv.groups
     ho, wo = out_size
@@ -258,24 +265,8 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     hp, wp = top + h + bottom, left + w + right  # the padded input's size
     (top, bottom), (left, right) = (top, top + h), (left, left + w)  # where the image lies in it
     margin = (kw - 1) * dw  # columns on both sides: every column's partner window lies inside
-    hk = -(-hp // sh)  # rows per residue class mod sh
-    # (columns, groups, channels, row mod sh, row // sh, images): the rows a stride reads, with all images, are
-    # contiguous, so every product's factors are views. Outside the image it holds zeros: padding and margin columns
-    # are read as partners (padding rows never are, but are zeroed all the same)
-    cols = x.new_empty(wp + 2 * margin, g, cg, sh, hk, n)
-    cols[: margin + left] = 0
-    cols[margin + right :] = 0
-    image = cols[margin + left : margin + right]
-    images_last = x.permute(1, 2, 3, 0).contiguous().view(g, cg, h, w, n)  # then moving whole rows of images: fast
-    for r in range(sh):
-        first_row = -(-(top - r) // sh)  # padded row r + sh*first_row is the image's row r + sh*first_row - top
-        rows = images_last[:, :, r + sh * first_row - top :: sh]
-        last_row = first_row + rows.shape[2]
-        image[:, :, :, r, :first_row] = 0
-        image[:, :, :, r, first_row:last_row] = rows.permute(3, 0, 1, 2, 4)
-        image[:, :, :, r, last_row:] = 0
+    laid = _column_layout(x, conv, top, left, hp, wp + 2 * margin, margin)
     first_col, end_col = left, min(right, (kw - 1) * dw + sw * (wo - 1) + 1)  # read and not padding
-    first = cols[margin + first_col : margin + end_col]
     reads = x.new_zeros(kw, end_col - first_col)  # reads[j, b]: 1 where kernel column j reads column first_col + b
     for j in range(kw):
         read = _strided_slice(j * dw, sw, wo, first_col, end_col)
@@ -285,9 +276,8 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     for di in range(kh):
         lowest = 0 if di == 0 else 1 - kw  # partners dj = lowest, ..., kw - 1 (at di = 0, dj < 0 are transposes)
         m = kw - lowest
-        window = cols.unfold(0, (m - 1) * dw + 1, 1)[..., ::dw]  # window[b][..., e]: column b + e*dw
-        second = window[margin + first_col + lowest * dw : margin + end_col + lowest * dw]
-        sums = _row_band_products(first, second, reads, di, (kh, dh, sh, ho), (top, bottom - di * dh))
+        columns = (margin + first_col, margin + first_col + lowest * dw, end_col - first_col)
+        sums = _row_band_products(laid, columns, (m, dw), reads, di, (kh, dh, sh, ho), (top, bottom - di * dh))
         for i, blocks in sums.items():
             blocks = blocks.view(kw, g, cg, m, cg)  # [j, g, c, e, c']: partner column j + lowest + e
             for j in range(kw):
@@ -300,23 +290,42 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     return gram.view(g, k, k)
 
 
+def _column_layout(x: torch.Tensor, conv: nn.Conv2d, top: int, left: int, hp: int, width: int, margin: int):
+    """The zero-padded input as (row mod sh, row // sh, images, groups, columns, C/g), contiguous: the image at
+    padded rows from ``top``, columns from ``margin + left`` of ``width``, zeros around it (padding and margins)."""
+    sh, g = conv.stride[0], conv.groups
+    n, c, h, w = x.shape
+    hk = -(-hp // sh)  # rows per residue class mod sh
+    laid = x.new_zeros(sh, hk, n, g, width, c // g)
+    rows = x.view(n, g, c // g, h, w).permute(3, 0, 1, 4, 2)  # (rows, images, groups, columns, channels)
+    for r in range(sh):
+        first_row = -(-(top - r) // sh)  # padded row r + sh*first_row is the image's row r + sh*first_row - top
+        band = rows[r + sh * first_row - top :: sh]
+        laid[r, first_row : first_row + len(band), :, :, margin + left : margin + left + w] = band
+    return laid
+
+
 def _row_band_products(
-    first: torch.Tensor,
-    second: torch.Tensor,
+    laid: torch.Tensor,
+    columns: tuple[int, int, int],
+    window: tuple[int, int],
     reads: torch.Tensor,
     di: int,
     rows: tuple[int, int, int, int],
     support: tuple[int, int],
 ) -> dict[int, torch.Tensor]:
-    """Per kernel row i paired with i + di, and per kernel column j: the sum of first[b] @ second[b]^T over the rows
-    i reads (inside ``support``) and the columns b that j reads (``reads``), as (kw, g * C/g * m * C/g).
+    """Per kernel row i paired with i + di, and per kernel column j: the sum, over the rows i reads (inside
+    ``support``) and the columns b that j reads (``reads``), of column b's channels times its window of m partner
+    columns (dw apart), as (kw, g * C/g * m * C/g).
 
-    ``first`` is (columns, g, C/g, sh, rows // sh, N), ``second`` the same with a window of m partner columns last.
-    Per residue of the rows mod the stride, the rows are split at every kernel row's first and last: each band is
-    read by the same kernel rows, multiplied once and summed over each kernel column's columns at once (so only
-    one band's products are held)."""
-    (kh, dh, sh, ho), (top, bottom) = rows, support
-    columns, g, cg = first.shape[:3]
+    ``laid`` is the input in ``_column_layout``; ``columns`` = (the first column read, its window's first column,
+    the number of columns). Per residue of the rows mod the stride, the rows are split at every kernel row's first
+    and last: each band is read by the same kernel rows, multiplied once and summed over each kernel column's
+    columns at once (so only one band's products are held)."""
+    (kh, dh, sh, ho), (top, bottom), (m, dw) = rows, support, window
+    first_col, first_partner, count = columns
+    _, _, n, g, width, cg = laid.shape
+    span = (m - 1) * dw + 1  # a window's columns, dw apart: read as one run, the ones between dropped
     sums: dict[int, torch.Tensor] = {}
     for r in range(sh):
         # row r + sh*k pairs with row partner_r + sh*(k + offset)
@@ -330,12 +339,26 @@ def _row_band_products(
             readers = [i for i, (first_k, end_k) in spans.items() if first_k <= start and stop <= end_k]
             if not readers:
                 continue
-            a = first[:, :, :, r, start:stop].reshape(columns, g, cg, -1)
-            b = second[:, :, :, partner_r, start + offset : stop + offset].permute(0, 1, 5, 2, 3, 4)
-            product = reads @ (a @ b.reshape(columns, g, -1, a.shape[-1]).mT).flatten(1)
+            a = _columns_view(laid[r, start:stop], first_col, count, cg)
+            b = _columns_view(laid[partner_r, start + offset : stop + offset], first_partner, count, span * cg)
+            product = a.mT @ b  # (g * columns, c, span * c'), the groups' runs ``width`` apart
+            if g > 1:  # the columns between the groups' runs, and after the last, dropped
+                product = torch.cat([product, product.new_zeros(width - count, *product.shape[1:])])
+            product = product.view(g, width if g > 1 else count, cg, span, cg)[:, :count, :, ::dw]
+            product = reads @ product.transpose(0, 1).reshape(count, -1)  # (g, columns, c, e, c') summed per j
             for i in readers:
                 sums[i] = product if i not in sums else sums[i] + product
     return sums
+
+
+def _columns_view(band: torch.Tensor, first: int, count: int, size: int) -> torch.Tensor:
+    """Of ``band`` (rows, images, g, columns, C/g), contiguous: per group and column from ``first`` (``count`` of
+    them), the ``size`` values from that column's first channel on, as a (rows * images) x ``size`` matrix; a view,
+    (g * columns, rows * images, size), the groups' runs ``columns`` apart (the columns between are left out after
+    the product)."""
+    rows, n, g, width, cg = band.shape
+    batch = (g - 1) * width + count  # from group 0's column ``first`` to group g - 1's last
+    return band.as_strided((batch, rows * n, size), (cg, g * width * cg, 1), band.storage_offset() + first * cg)
 
 
 def _strided_slice(start: int, step: int, count: int, lo: int, hi: int) -> slice | None:
