@@ -259,7 +259,7 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     """
     (kh, kw), (dh, dw), (sh, sw), g = conv.kernel_size, conv.dilation, conv.stride, conv.groups
     ho, wo = out_size
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     cg = c // g
     left, right, top, bottom = pads
     hp, wp = top + h + bottom, left + w + right  # the padded input's size
@@ -324,7 +324,7 @@ def _row_band_products(
     columns at once (so only one band's products are held)."""
     (kh, dh, sh, ho), (top, bottom), (m, dw) = rows, support, window
     first_col, first_partner, count = columns
-    _, _, n, g, width, cg = laid.shape
+    *_, g, width, cg = laid.shape
     span = (m - 1) * dw + 1  # a window's columns, dw apart: read as one run, the ones between dropped
     sums: dict[int, torch.Tensor] = {}
     for r in range(sh):
@@ -341,7 +341,7 @@ def _row_band_products(
                 continue
             a = _columns_view(laid[r, start:stop], first_col, count, cg)
             b = _columns_view(laid[partner_r, start + offset : stop + offset], first_partner, count, span * cg)
-            product = a.mT @ b  # (g * columns, c, span * c'), the groups' runs ``width`` apart
+            product = a.mT @ b  # (batch, c, span * c'), per column of the views' batch
             if g > 1:  # the columns between the groups' runs, and after the last, dropped
                 product = torch.cat([product, product.new_zeros(width - count, *product.shape[1:])])
             product = product.view(g, width if g > 1 else count, cg, span, cg)[:, :count, :, ::dw]
@@ -354,8 +354,8 @@ def _row_band_products(
 def _columns_view(band: torch.Tensor, first: int, count: int, size: int) -> torch.Tensor:
     """Of ``band`` (rows, images, g, columns, C/g), contiguous: per group and column from ``first`` (``count`` of
     them), the ``size`` values from that column's first channel on, as a (rows * images) x ``size`` matrix; a view,
-    (g * columns, rows * images, size), the groups' runs ``columns`` apart (the columns between are left out after
-    the product)."""
+    (batch, rows * images, size), its batch running over every column from group 0's ``first`` to the last group's
+    (the groups' runs ``width`` apart: the columns between are dropped after the product)."""
     rows, n, g, width, cg = band.shape
     batch = (g - 1) * width + count  # from group 0's column ``first`` to group g - 1's last
     return band.as_strided((batch, rows * n, size), (cg, g * width * cg, 1), band.storage_offset() + first * cg)
