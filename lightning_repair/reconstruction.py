@@ -19,6 +19,7 @@ identity block with a zero right side, so it solves to 0), in chunks bounded in 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -32,10 +33,10 @@ from torch import nn
 from .stats import all_reduce_sum, world_size
 
 _CHUNK_ELEMENTS = 1 << 25  # padded normal-equation entries solved at once (256 MB in float64)
-# output rows (images x rows per image) per call of a conv's weight gradient (its cross term, ``_conv_sums``): its
-# float32 sums add the images' output rows one after another, so their rounding grows with images x rows, not with
-# the columns (256: 9 images of 28 rows, 64 of 4; tests/test_reconstruction.py bounds it)
-_CROSS_ROWS = 256
+# images x sqrt(output positions per image) per call of a conv's weight gradient (its cross term, ``_conv_sums``): its
+# float32 rounding grows as that does, in proportion to the images and to the square root of each one's positions
+# (256: 9 images of 28x28, 64 of 4x4; tests/test_reconstruction.py bounds it)
+_CROSS_BUDGET = 256
 _CONV_SLICE_ELEMENTS = 1 << 22  # input laid out by columns at once (16 MB): faster than whole chunks on CPU
 
 
@@ -200,15 +201,16 @@ def _chunk_statistics(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, y: torch.Te
 
 
 def _slice_images(conv: nn.Conv2d, x: torch.Tensor) -> int:
-    """Images of ``x`` per slice of the conv's products: their input, once per kernel column, within
-    ``_CONV_SLICE_ELEMENTS``."""
+    """Images of ``x`` per slice of the conv's products: their input, counted once per kernel column (a grouped or
+    dilated conv's factors are copies, one per partner column), within ``_CONV_SLICE_ELEMENTS``."""
     return max(1, _CONV_SLICE_ELEMENTS // (x[0].numel() * conv.kernel_size[1]))
 
 
 def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(Gram, cross, patch sum) of the conv's patches, per group: the Gram from ``_conv_gram`` (in float64), the
     cross term as the conv's weight gradient for output gradient y, the patch sum from the images' sum. Zero padding
-    is never laid out: the Gram leaves it out and the weight gradient pads as the conv does."""
+    is never computed with: the Gram's products leave its rows out and read its columns as zeros, and the weight
+    gradient pads as the conv does."""
     x, pads = _zero_padding(conv, x)
     (left, right, top, bottom), g, k = pads, conv.groups, conv.weight[0].numel()
     # the weight gradient pads symmetrically only
@@ -218,7 +220,7 @@ def _conv_sums(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
         # channels-last input of 2-7 channels: these convs (a ResNet's projections, 1/9 of a 3x3's work) take theirs
         # from contiguous tensors, on every device
         xc, y = xc.contiguous(), y.contiguous()
-    images = max(1, _CROSS_ROWS // y.shape[2])  # per call
+    images = max(1, int(_CROSS_BUDGET / math.sqrt(y[0, 0].numel())))  # per call
     cross = sum(torch.nn.grad.conv2d_weight(a, conv.weight.shape, b, conv.stride, padding, conv.dilation, g).double()
                 for a, b in zip(xc.split(images), y.split(images), strict=True))  # fmt: skip
     summed = F.unfold(F.pad(_image_sum(x), pads), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
@@ -252,10 +254,11 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     columns are zeros (their products are 0). About (kw + (kh - 1)(2 kw - 1)) (C/g)^2 multiply-adds per input
     position: 13/81 of the unfolded Gram's for a 3x3 kernel.
 
-    The input is laid out once, channels innermost (``_column_layout``): then a column's channels, and its whole
-    window of partner columns, are each one contiguous run, so every product's factors are strided views of that
-    one copy (a batched product over the columns) and no factor is copied; from a channels-last input the layout is
-    a copy of whole image rows.
+    The input is laid out once (``_column_layout``), channels innermost, or images innermost where a group has one
+    channel: every product's factors are then strided views of that copy (one batched product over the columns and
+    groups), except the windows of a dilated conv, or of a grouped one with several channels per group, which are
+    copies of the columns they read (``_columns``). From a channels-last input the channels-innermost layout is a
+    copy of whole image rows.
     """
     (kh, kw), (dh, dw), (sh, sw), g = conv.kernel_size, conv.dilation, conv.stride, conv.groups
     ho, wo = out_size
@@ -267,12 +270,15 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     margin = (kw - 1) * dw  # columns on both sides: every column's partner window lies inside
     laid = _column_layout(x, conv, top, left, hp, wp + 2 * margin, margin)
     first_col, end_col = left, min(right, (kw - 1) * dw + sw * (wo - 1) + 1)  # read and not padding
+    gram = x.new_zeros(g, cg, kh, kw, cg, kh, kw, dtype=torch.float64)
+    k = cg * kh * kw
+    if end_col <= first_col:  # every output column reads padding only: every patch is 0
+        return gram.view(g, k, k)
     reads = x.new_zeros(kw, end_col - first_col)  # reads[j, b]: 1 where kernel column j reads column first_col + b
     for j in range(kw):
         read = _strided_slice(j * dw, sw, wo, first_col, end_col)
         if read is not None:
             reads[j, read] = 1
-    gram = x.new_zeros(g, cg, kh, kw, cg, kh, kw, dtype=torch.float64)
     for di in range(kh):
         lowest = 0 if di == 0 else 1 - kw  # partners dj = lowest, ..., kw - 1 (at di = 0, dj < 0 are transposes)
         m = kw - lowest
@@ -286,17 +292,23 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
                 block = blocks[j, :, :, e_lo:e_hi]
                 gram[:, :, i, j, :, i + di, partners] = block.permute(0, 1, 3, 2)
                 gram[:, :, i + di, partners, :, i, j] = block.permute(0, 3, 2, 1)
-    k = cg * kh * kw
     return gram.view(g, k, k)
 
 
 def _column_layout(x: torch.Tensor, conv: nn.Conv2d, top: int, left: int, hp: int, width: int, margin: int):
-    """The zero-padded input as (row mod sh, row // sh, images, groups, columns, C/g), contiguous: the image at
-    padded rows from ``top``, columns from ``margin + left`` of ``width``, zeros around it (padding and margins)."""
+    """The zero-padded input as (row mod sh, row // sh, images, groups, columns, C/g): the image at padded rows from
+    ``top``, columns from ``margin + left`` of ``width``, zeros around it (padding and margins).
+
+    In memory, channels innermost (in that order), so that a column's channels and its window of partner columns
+    are contiguous runs; with one channel per group (depthwise, a one-channel input), images innermost instead,
+    (row mod sh, columns, groups, C/g, row // sh, images), so that a product's rows x images are the contiguous run
+    and a column's groups follow one another. Either way the rows and images of a band merge into one dimension, so
+    the products' factors are views (``_columns``)."""
     sh, g = conv.stride[0], conv.groups
     n, c, h, w = x.shape
-    hk = -(-hp // sh)  # rows per residue class mod sh
-    laid = x.new_zeros(sh, hk, n, g, width, c // g)
+    shape = (sh, -(-hp // sh), n, g, width, c // g)  # -(-hp // sh): rows per residue class mod sh
+    order = (0, 1, 2, 3, 4, 5) if c // g > 1 else (0, 4, 3, 5, 1, 2)
+    laid = x.new_zeros([shape[d] for d in order]).permute(*(order.index(d) for d in range(6)))
     rows = x.view(n, g, c // g, h, w).permute(3, 0, 1, 4, 2)  # (rows, images, groups, columns, channels)
     for r in range(sh):
         first_row = -(-(top - r) // sh)  # padded row r + sh*first_row is the image's row r + sh*first_row - top
@@ -324,8 +336,6 @@ def _row_band_products(
     columns at once (so only one band's products are held)."""
     (kh, dh, sh, ho), (top, bottom), (m, dw) = rows, support, window
     first_col, first_partner, count = columns
-    *_, g, width, cg = laid.shape
-    span = (m - 1) * dw + 1  # a window's columns, dw apart: read as one run, the ones between dropped
     sums: dict[int, torch.Tensor] = {}
     for r in range(sh):
         # row r + sh*k pairs with row partner_r + sh*(k + offset)
@@ -339,26 +349,35 @@ def _row_band_products(
             readers = [i for i, (first_k, end_k) in spans.items() if first_k <= start and stop <= end_k]
             if not readers:
                 continue
-            a = _columns_view(laid[r, start:stop], first_col, count, cg)
-            b = _columns_view(laid[partner_r, start + offset : stop + offset], first_partner, count, span * cg)
-            product = a.mT @ b  # (batch, c, span * c'), per column of the views' batch
-            if g > 1:  # the columns between the groups' runs, and after the last, dropped
-                product = torch.cat([product, product.new_zeros(width - count, *product.shape[1:])])
-            product = product.view(g, width if g > 1 else count, cg, span, cg)[:, :count, :, ::dw]
-            product = reads @ product.transpose(0, 1).reshape(count, -1)  # (g, columns, c, e, c') summed per j
+            a = _columns(laid[r, start:stop], first_col, count, (1, dw))
+            b = _columns(laid[partner_r, start + offset : stop + offset], first_partner, count, (m, dw))
+            product = (a.mT @ b).view(count, -1)  # per column, per group: (c, e, c')
+            product = reads @ product  # summed over each kernel column's columns
             for i in readers:
                 sums[i] = product if i not in sums else sums[i] + product
     return sums
 
 
-def _columns_view(band: torch.Tensor, first: int, count: int, size: int) -> torch.Tensor:
-    """Of ``band`` (rows, images, g, columns, C/g), contiguous: per group and column from ``first`` (``count`` of
-    them), the ``size`` values from that column's first channel on, as a (rows * images) x ``size`` matrix; a view,
-    (batch, rows * images, size), its batch running over every column from group 0's ``first`` to the last group's
-    (the groups' runs ``width`` apart: the columns between are dropped after the product)."""
+def _columns(band: torch.Tensor, first: int, count: int, window: tuple[int, int]) -> torch.Tensor:
+    """Of ``band`` (rows, images, g, columns, C/g; laid out as ``_column_layout`` says): per column from ``first``
+    (``count`` of them) and group, its window of m columns dw apart (``window``), each with its C/g channels, as a
+    (rows * images) x (m * C/g) matrix: (count * g, rows * images, m * C/g). A view of ``band`` where its strides
+    allow (no groups, or one channel per group; the window's channels one run); else a copy, made in the band's
+    memory order."""
     rows, n, g, width, cg = band.shape
-    batch = (g - 1) * width + count  # from group 0's column ``first`` to group g - 1's last
-    return band.as_strided((batch, rows * n, size), (cg, g * width * cg, 1), band.storage_offset() + first * cg)
+    _, image, group, column, channel = band.stride()
+    m, dw = window
+    sizes, strides = (count, g, rows * n, m, cg), (column, group, image, dw * column, channel)
+    view = band.as_strided(sizes, strides, band.storage_offset() + first * column)
+    if not (_merge(sizes, strides, 0) and _merge(sizes, strides, 3)):
+        order = sorted((2, 3, 4), key=lambda d: -strides[d])  # the window's dimensions, outermost first in memory
+        view = view.permute(0, 1, *order).contiguous().permute(0, 1, *(order.index(d) + 2 for d in (2, 3, 4)))
+    return view.reshape(count * g, rows * n, m * cg)
+
+
+def _merge(sizes: tuple[int, ...], strides: tuple[int, ...], d: int) -> bool:
+    """Whether dimensions d and d + 1 merge into one (a view)."""
+    return sizes[d] == 1 or sizes[d + 1] == 1 or strides[d] == sizes[d + 1] * strides[d + 1]
 
 
 def _strided_slice(start: int, step: int, count: int, lo: int, hi: int) -> slice | None:

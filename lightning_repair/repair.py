@@ -165,6 +165,9 @@ def _checked_batches(batches: Iterable[torch.Tensor], dtype: torch.dtype) -> lis
         raise ValueError("repair needs calibration data: the calibration loader yielded no batch")
     if any(not isinstance(b, torch.Tensor) for b in batches):
         raise TypeError("calibration batches must be image tensors (labels never reach the repair)")
+    empty = [i for i, b in enumerate(batches) if b.dim() == 0 or len(b) == 0]
+    if empty:
+        raise ValueError(f"calibration batches {empty} hold no images: drop them from the calibration data")
     others = sorted({str(b.dtype) for b in batches if b.dtype != dtype})
     if others:
         raise TypeError(f"calibration batches have dtype {', '.join(others)}, the model {dtype}: cast one to the other")

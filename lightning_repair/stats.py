@@ -120,7 +120,8 @@ def channel_moments(chunks: Iterable[torch.Tensor]) -> Moments:
         x = x[:, :, None] if x.dim() == 2 else x
         reduced = (0, *range(2, x.dim()))  # all but the channels, in place (no reshaped copy)
         m = x.mean(reduced, keepdim=True)
-        if centred is None or (centred.shape, centred.stride(), centred.dtype) != (x.shape, x.stride(), x.dtype):
+        layout = (x.shape, x.stride(), x.dtype, x.device)
+        if centred is None or (centred.shape, centred.stride(), centred.dtype, centred.device) != layout:
             centred = torch.empty_like(x)
         d = torch.sub(x, m, out=centred)
         count = torch.full((1,), float(x.numel() // x.shape[1]), dtype=torch.float64, device=x.device)

@@ -299,6 +299,10 @@ STATISTICS_CONVS = {  # (conv, input height and width): strides, dilations, grou
         (11, 10),
     ),
     "depthwise_stride": (dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=4), (8, 7)),
+    "grouped_dilated": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, dilation=2, groups=2), (7, 8)),
+    # every output column reads a padding column only: every patch is 0
+    "columns_reading_padding_only": (dict(in_channels=2, out_channels=3, kernel_size=1, stride=(1, 3), padding=(0, 1)),
+                                     (4, 1)),  # fmt: skip
     "padding_beyond_the_image": (dict(in_channels=2, out_channels=3, kernel_size=3, padding=3), (2, 3)),
     "circular_dilated_columns": (
         dict(
@@ -316,7 +320,7 @@ def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_sli
     """The kernel-offset Gram, cross term and sums equal X^T X, X^T Y and the sums of explicitly built patches,
     whether a chunk is multiplied whole (its cross term image by image) or image by image, and whatever the
     activations' memory format."""
-    monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS" if one_image_per_slice else "_CROSS_ROWS", 1)
+    monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS" if one_image_per_slice else "_CROSS_BUDGET", 1)
     torch.manual_seed(3)
     config, size = STATISTICS_CONVS[kind]
     conv = nn.Conv2d(**config).double()
@@ -407,15 +411,15 @@ def test_float32_gram_products_solve_within_tolerance_of_float64(dense, batches,
     assert 0 < max(walk) < 1e-3
 
 
-@pytest.mark.parametrize("size", [28, 4])
+@pytest.mark.parametrize("size", [(28, 28), (4, 4), (4, 56)])
 def test_cross_term_rounding_stays_bounded_whatever_the_image_size(size):
-    """A conv's cross term is its float32 weight gradient, in calls of at most ``_CROSS_ROWS`` output rows (images x
-    rows per image; its rounding grows with those, not with the columns): more images per call where images are
-    smaller, within 2e-7 of float64 at 28 rows per image (9 images per call; 16 would be 2.7e-7) and at 4 (64 per
-    call; 256 in one call would be 5.7e-7)."""
+    """A conv's cross term is its float32 weight gradient, in calls of at most ``_CROSS_BUDGET`` images x sqrt(output
+    positions per image), as its rounding grows: more images per call where images are smaller, within 2e-7 of
+    float64 at 28x28 (9 images per call; 16 would be 2.7e-7), 4x4 (64; 256 would be 5.7e-7) and 4x56 (17; 64, as
+    many as 4x4 images, would be 5.6e-7)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-    x = torch.relu(torch.randn(256, 16, size, size)).contiguous(memory_format=torch.channels_last)
+    x = torch.relu(torch.randn(256, 16, *size)).contiguous(memory_format=torch.channels_last)
     y = conv(x).detach() + 0.5  # a mean offset, as after a BN shift
     stats = layer_statistics(conv, [x], [y])
     reference = torch.nn.grad.conv2d_weight(x.double(), conv.weight.shape, y.double(), 1, 1).reshape(16, -1).T

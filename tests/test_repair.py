@@ -458,6 +458,14 @@ def test_empty_calibration_set_is_an_error(dense):
         repair(pruned, dense, [], "asr")
 
 
+def test_a_batch_without_images_is_an_error_naming_it(dense):
+    """Not a non-finite statistic blamed on the activations: the batch is named."""
+    pruned, _ = pruned_copy(dense)
+    batches = [torch.randn(4, 3, 16, 16), torch.randn(0, 3, 16, 16)]
+    with pytest.raises(ValueError, match=r"calibration batches \[1\] hold no images"):
+        repair(pruned, dense, batches, "bn_recalibration")
+
+
 def _classifier_io(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
     store = []
     handle = model.fc.register_forward_hook(lambda mod, inp, out: store.append((inp[0], out)))
