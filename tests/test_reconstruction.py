@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 import weakref
 
 import pytest
@@ -323,7 +324,32 @@ def test_conv_statistics_equal_those_of_explicit_patches(kind, one_image_per_sli
     monkeypatch.setattr(reconstruction, "_CONV_SLICE_ELEMENTS" if one_image_per_slice else "_CROSS_BUDGET", 1)
     torch.manual_seed(3)
     config, size = STATISTICS_CONVS[kind]
-    conv = nn.Conv2d(**config).double()
+    assert_statistics_equal_those_of_explicit_patches(nn.Conv2d(**config).double(), size, layout)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_statistics_of_random_convs_equal_those_of_explicit_patches(seed):
+    """Ten random convs per seed: kernels of 1-4 per side, strides 1-4, dilations 1-2, groups (depthwise among
+    them), any padding mode and amount, images down to one pixel, either memory format."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for _ in range(10):
+        groups, per_group = rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2, 3])
+        (kh, kw), (sh, sw), (dh, dw) = ((rng.randint(1, 4), rng.randint(1, 4)) for _ in range(3))
+        dh, dw = min(dh, 2), min(dw, 2)  # dilations 1-2
+        mode = rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"])
+        h, w = rng.randint(1, 9), rng.randint(1, 9)
+        limit = (h - 1, w - 1) if mode == "reflect" else (h, w) if mode == "circular" else (dh * kh, dw * kw)
+        ph, pw = rng.randint(0, limit[0]), rng.randint(0, limit[1])
+        h, w = max(h, dh * (kh - 1) + 1 - 2 * ph), max(w, dw * (kw - 1) + 1 - 2 * pw)  # at least one output
+        conv = nn.Conv2d(groups * per_group, groups * rng.randint(1, 2), (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                         groups, padding_mode=mode).double()  # fmt: skip
+        layout = rng.choice([torch.contiguous_format, torch.channels_last])
+        assert_statistics_equal_those_of_explicit_patches(conv, (h, w), layout)
+
+
+def assert_statistics_equal_those_of_explicit_patches(conv: nn.Conv2d, size: tuple[int, int], layout) -> None:
+    """Three images of ``size``, in two chunks of ``layout``, against the explicit patches of every group."""
     x = torch.randn(3, conv.in_channels, *size, dtype=torch.float64)
     y = torch.randn_like(conv(x))
     chunks = [t.contiguous(memory_format=layout) for t in (x[:2], x[2:], y[:2], y[2:])]
