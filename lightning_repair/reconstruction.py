@@ -268,12 +268,12 @@ def _conv_gram(conv: nn.Conv2d, x: torch.Tensor, pads: list[int], out_size: tupl
     hp, wp = top + h + bottom, left + w + right  # the padded input's size
     (top, bottom), (left, right) = (top, top + h), (left, left + w)  # where the image lies in it
     margin = (kw - 1) * dw  # columns on both sides: every column's partner window lies inside
-    laid = _column_layout(x, conv, top, left, hp, wp + 2 * margin, margin)
     first_col, end_col = left, min(right, (kw - 1) * dw + sw * (wo - 1) + 1)  # read and not padding
     gram = x.new_zeros(g, cg, kh, kw, cg, kh, kw, dtype=torch.float64)
     k = cg * kh * kw
     if end_col <= first_col:  # every output column reads padding only: every patch is 0
         return gram.view(g, k, k)
+    laid = _column_layout(x, conv, top, left, hp, wp + 2 * margin, margin)
     reads = x.new_zeros(kw, end_col - first_col)  # reads[j, b]: 1 where kernel column j reads column first_col + b
     for j in range(kw):
         read = _strided_slice(j * dw, sw, wo, first_col, end_col)
